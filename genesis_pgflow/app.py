@@ -1,0 +1,74 @@
+"""The composition root: builds the database, stores, handlers, dispatcher and consumer from Settings."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from genesis_pgflow.consumer import Consumer, ConsumerOptions
+from genesis_pgflow.dispatcher import Dispatcher
+from genesis_pgflow.handlers.base import Handler
+from genesis_pgflow.handlers.llm_config import LlmConfigManager
+from genesis_pgflow.handlers.rules import RuleEngine
+from genesis_pgflow.settings import Settings
+from genesis_pgflow.store import schema
+from genesis_pgflow.store.database import Database, check_reachable
+from genesis_pgflow.store.embedded import embedded_dsn
+from genesis_pgflow.store.queue import PgQueueStore
+from genesis_pgflow.store.state import PgStateStore, StateStore
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def resolve_dsn(settings: Settings) -> str:
+    return settings.dsn or embedded_dsn(settings.home)
+
+
+def build_handlers(settings: Settings, state: StateStore) -> dict[str, Handler]:
+    """type -> handler; a new workflow plugs in here, not in the consumer."""
+    handlers: list[Handler] = [
+        RuleEngine(state, settings.min_rule_confidence),
+        LlmConfigManager(state),
+    ]
+    return {h.payload_type: h for h in handlers}
+
+
+@dataclass
+class App:
+    settings: Settings
+    dsn: str
+    db: Database
+    queues: PgQueueStore
+    state: PgStateStore
+
+    @classmethod
+    def open(cls, settings: Settings, *, migrate: bool | None = None) -> "App":
+        """Connect (exit-2 errors if the database is unreachable or behind), upgrading first
+        unless migrate is False."""
+        dsn = resolve_dsn(settings)
+        check_reachable(dsn)
+        if settings.migrate if migrate is None else migrate:
+            schema.upgrade(dsn)
+        else:
+            schema.require_current(dsn)
+        db = Database(dsn, max_size=max(4, settings.parallel + 2)).open()
+        return cls(settings, dsn, db, PgQueueStore(db, consumer_name()), PgStateStore(db))
+
+    def dispatcher(self) -> Dispatcher:
+        s = self.settings
+        return Dispatcher(build_handlers(s, self.state), timeout_s=s.timeout_ms / 1000.0,
+                          max_attempts=s.max_attempts, retry_base_s=s.retry_base_s, retry_max_s=s.retry_max_s)
+
+    def consumer(self) -> Consumer:
+        s = self.settings
+        options = ConsumerOptions(queues=s.queues, parallel=s.parallel, batch_size=s.batch_size,
+                                  poll_interval_s=s.poll_interval_ms / 1000.0, lease_s=s.lease_s,
+                                  drain=s.drain, shutdown_grace_s=s.shutdown_grace_s)
+        return Consumer(self.queues, self.dispatcher(), options)
+
+    def close(self) -> None:
+        self.queues.close()
+        self.db.close()

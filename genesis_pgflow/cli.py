@@ -1,0 +1,219 @@
+"""The two commands, `genesis-consume` and `genesis`: argument parsing and exit codes only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any, Callable, Sequence
+
+from pydantic import ValidationError
+
+from genesis_pgflow.app import App
+from genesis_pgflow.errors import ConfigurationError
+from genesis_pgflow.messages import QUEUES, REQUEST_QUEUES, all_queue_names, redact
+from genesis_pgflow.settings import Settings
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("genesis_pgflow")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad usage is exit 2 with one line (argparse's own code is 2 as well)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _settings_error(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)]
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def _guarded(main: Callable[[], int]) -> int:
+    """Map failures to the contract's exit codes with a one-line reason."""
+    try:
+        return main()
+    except ConfigurationError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as exc:
+        print(f"error: {_settings_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - anything unexpected is exit 1, with its traceback logged
+        log.exception("unexpected error")
+        print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+# --- genesis-consume --------------------------------------------------------------------------
+
+
+def consume_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="genesis-consume", description="Consume the Genesis pgmq queues and publish one result per request.")
+    p.add_argument("--dsn", help="libpq URL or key/value DSN (default: GENESIS_DATABASE_URL, DATABASE_URL, embedded)")
+    p.add_argument("--parallel", type=int, help="handlers running at once (default 4; 1 = sequential)")
+    p.add_argument("--batch-size", type=int, help="most messages read from a queue at once (default 10)")
+    p.add_argument("--poll-interval-ms", type=int, help="polling interval when no NOTIFY arrives (default 1000)")
+    p.add_argument("--timeout-ms", type=int, help="per-workflow timeout (default 30000)")
+    p.add_argument("--max-attempts", type=int, help="deliveries before dead-lettering (default 3)")
+    p.add_argument("--queues", help=f"comma-separated request queues (default: {','.join(REQUEST_QUEUES)})")
+    p.add_argument("--drain", action="store_true", default=None, help="exit 0 once the queues are empty")
+    p.add_argument("--no-migrate", action="store_true", help="do not upgrade the database; exit 2 if it is behind")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--log-format", choices=["text", "json"], help="log format (default text)")
+    return p
+
+
+def consume_main(argv: Sequence[str] | None = None) -> int:
+    args = consume_parser().parse_args(argv)
+
+    def main() -> int:
+        settings = Settings.from_env(
+            dsn=args.dsn, parallel=args.parallel, batch_size=args.batch_size,
+            poll_interval_ms=args.poll_interval_ms, timeout_ms=args.timeout_ms, max_attempts=args.max_attempts,
+            queues=tuple(q.strip() for q in args.queues.split(",") if q.strip()) if args.queues else None,
+            drain=args.drain, migrate=False if args.no_migrate else None, metrics_port=args.metrics_port,
+            log_format=args.log_format)
+        setup_logging(settings.log_format, settings.log_level)
+        app = App.open(settings)
+        try:
+            consumer = app.consumer()
+            stop = lambda signum, _frame: (log.info("signal %s: finishing in-flight work", signum), consumer.stop())
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+            log.info("consuming %s with %d worker(s)", ",".join(settings.queues), settings.parallel)
+            consumer.run()
+            log.info("stopped: %s", dict(consumer.stats.outcomes))
+        finally:
+            app.close()
+        return EXIT_OK
+
+    return _guarded(main)
+
+
+# --- genesis ----------------------------------------------------------------------------------
+
+
+def admin_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="genesis", description="Administer genesis_pgflow: schema, queues, dead letters, state.")
+    p.add_argument("--dsn", help="libpq URL or key/value DSN (default: GENESIS_DATABASE_URL, DATABASE_URL, embedded)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="install pgmq, create the queues, migrate the genesis schema")
+    send = sub.add_parser("send", help="send one JSON message to a queue")
+    send.add_argument("queue", choices=all_queue_names(), metavar="QUEUE")
+    send.add_argument("json")
+    status = sub.add_parser("status", help="queue depths, in flight, outcomes")
+    status.add_argument("--json", action="store_true")
+    dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq.add_parser("list", help="list the dead letters of a request queue")
+    dlq_list.add_argument("queue", choices=REQUEST_QUEUES, metavar="QUEUE")
+    dlq_list.add_argument("--json", action="store_true")
+    requeue = dlq.add_parser("requeue", help="send dead letters back to their request queue")
+    requeue.add_argument("queue", choices=REQUEST_QUEUES, metavar="QUEUE")
+    requeue.add_argument("msg_ids", nargs="*", type=int, metavar="MSG_ID")
+    rules = sub.add_parser("rules", help="the active rules").add_subparsers(dest="rules_command", required=True)
+    rules_list = rules.add_parser("list")
+    rules_list.add_argument("--namespace")
+    rules_list.add_argument("--json", action="store_true")
+    llm = sub.add_parser("llm-config", help="the active LLM configurations").add_subparsers(dest="llm_command", required=True)
+    llm_show = llm.add_parser("show")
+    llm_show.add_argument("--provider")
+    llm_show.add_argument("--json", action="store_true")
+    return p
+
+
+def _print(value: Any, as_json: bool, table: Callable[[Any], str]) -> None:
+    print(json.dumps(value, indent=2, default=str) if as_json else table(value))
+
+
+def _status_table(status: dict[str, Any]) -> str:
+    cols = ["depth", "in_flight", "oldest_age_s", "archived", "dead_lettered", "completed", "failed", "retrying"]
+    lines = [f"{'queue':<30}" + "".join(f"{c:>14}" for c in cols)]
+    for name, row in status["queues"].items():
+        lines.append(f"{name:<30}" + "".join(f"{'-' if row[c] is None else row[c]:>14}" for c in cols))
+    return "\n".join(lines)
+
+
+def admin_main(argv: Sequence[str] | None = None) -> int:
+    args = admin_parser().parse_args(argv)
+
+    def main() -> int:
+        settings = Settings.from_env(dsn=args.dsn)
+        setup_logging(settings.log_format, "WARNING")
+        if args.command == "db":
+            from genesis_pgflow.app import resolve_dsn
+            from genesis_pgflow.store import schema
+            from genesis_pgflow.store.database import check_reachable
+
+            dsn = resolve_dsn(settings)
+            check_reachable(dsn)
+            report = schema.upgrade(dsn)
+            print(f"pgmq: {report.pgmq}; queues created: {len(report.queues_created)}; "
+                  f"genesis schema: {report.revision_before or 'none'} -> {report.revision_after}")
+            return EXIT_OK
+        if args.command == "send":
+            try:
+                body = json.loads(args.json)
+            except json.JSONDecodeError as exc:
+                raise ConfigurationError(f"JSON argument is not valid JSON: {exc}") from None
+        app = App.open(settings, migrate=True)
+        try:
+            return _admin(app, args, body if args.command == "send" else None)
+        finally:
+            app.close()
+
+    return _guarded(main)
+
+
+def _admin(app: App, args: argparse.Namespace, body: Any) -> int:
+    if args.command == "send":
+        print(app.queues.send(args.queue, body))
+    elif args.command == "status":
+        _print(app.queues.status(), args.json, _status_table)
+    elif args.command == "dlq" and args.dlq_command == "list":
+        letters = [{**row, "message": redact(row["message"])} for row in app.queues.dead_letters(args.queue)]
+        _print(letters, args.json, lambda rows: "\n".join(
+            f"{r['msg_id']}\t{r['enqueued_at']:%Y-%m-%d %H:%M:%S}\t{json.dumps(r['message'])}" for r in rows)
+            or "(no dead letters)")
+    elif args.command == "dlq" and args.dlq_command == "requeue":
+        moved = app.queues.requeue_dead_letters(args.queue, args.msg_ids)
+        for old, new in moved:
+            print(f"{old} -> {args.queue} {new}")
+        print(f"requeued {len(moved)} message(s)")
+    elif args.command == "rules":
+        _print(app.state.rules(args.namespace), args.json, lambda rows: "\n".join(
+            f"{r['namespace']}/{r['rule_id']}\tv{r['version']}\tconfidence {r['confidence']}" for r in rows)
+            or "(no rules)")
+    elif args.command == "llm-config":
+        configs = redact(app.state.llm_configs(args.provider))
+        _print(configs, args.json, lambda rows: "\n".join(
+            f"{r['provider']}/{r['complexity']}\tv{r['version']}\tmodels {', '.join(r['models'])}\tsettings "
+            f"{json.dumps(r['settings'])}" for r in rows) or "(no LLM configurations)")
+    return EXIT_OK
+
+
+__all__ = ["consume_main", "admin_main", "QUEUES"]

@@ -1,0 +1,117 @@
+"""Routes a message by its payload type to a handler and turns a return or a raise into an Outcome."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from genesis_pgflow.errors import (
+    GenesisError, InvalidPayload, MaxAttemptsExceeded, PermanentError, UnknownType, WorkflowTimeout,
+)
+from genesis_pgflow.handlers.base import Handler, WorkContext, timeout_override
+from genesis_pgflow.messages import Failure, Outcome, Payload, ReadMessage, parse_payload, raw_identifiers
+from genesis_pgflow.retry import DeadLetter, decide
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A validated message ready to run: its handler, payload and timeout."""
+
+    message: ReadMessage
+    handler: Handler
+    payload: Payload
+    timeout_s: float
+    workflow_id: str
+    started_at: dt.datetime
+
+
+class Dispatcher:
+    def __init__(self, handlers: Mapping[str, Handler], *, timeout_s: float, max_attempts: int,
+                 retry_base_s: float, retry_max_s: float,
+                 clock: Callable[[], dt.datetime] = utcnow, rand: Callable[[], float] = random.random):
+        self.handlers = dict(handlers)
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self.clock = clock
+        self.rand = rand
+
+    def prepare(self, message: ReadMessage) -> Task | Outcome:
+        """A Task to run, or at once the Outcome of a message that must not run."""
+        started = self.clock()
+        if message.read_ct > self.max_attempts:
+            error = MaxAttemptsExceeded(
+                f"read {message.read_ct} times, more than max_attempts={self.max_attempts}: "
+                "a previous attempt never finished (consumer killed or lost?)",
+                details={"attempts": message.read_ct, **raw_identifiers(message.body)})
+            return self._outcome(message, "dead_letter", started, error=error)
+        try:
+            payload = parse_payload(message.body)
+            handler = self.handlers.get(payload.type)  # type: ignore[attr-defined]
+            if handler is None:
+                raise UnknownType(f"type {payload.type!r} has no handler in this consumer; "  # type: ignore[attr-defined]
+                                  f"available: {', '.join(sorted(self.handlers))}",
+                                  details={"type": payload.type, **payload.identifiers()})  # type: ignore[attr-defined]
+        except (InvalidPayload, UnknownType) as exc:
+            return self._outcome(message, "failed", started, error=exc)
+        return Task(message, handler, payload, timeout_override(payload) or self.timeout_s,
+                    str(uuid.uuid4()), started)
+
+    def context(self, task: Task, deadline: float) -> WorkContext:
+        m = task.message
+        return WorkContext(queue=m.queue, msg_id=m.msg_id, attempt=m.read_ct, workflow_id=task.workflow_id,
+                           deadline=deadline)
+
+    def execute(self, task: Task, ctx: WorkContext) -> Outcome:
+        """Run the handler (in a worker thread) and classify what it did."""
+        try:
+            result = task.handler(task.payload, ctx)
+        except PermanentError as exc:
+            exc.details = {**task.payload.identifiers(), **exc.details}
+            return self._outcome(task.message, "failed", task.started_at, error=exc, task=task)
+        except Exception as exc:  # retryable by class, or unexpected: retried through the queue
+            return self.transient(task, exc)
+        if not isinstance(result, dict):
+            return self.transient(task, TypeError(f"handler returned {type(result).__name__}, not a dict"))
+        return self._outcome(task.message, "completed", task.started_at, result=result, task=task)
+
+    def timed_out(self, task: Task) -> Outcome:
+        error = WorkflowTimeout(f"the handler ran past its timeout of {task.timeout_s:g} s",
+                                details={"timeout_ms": round(task.timeout_s * 1000), **task.payload.identifiers()})
+        return self._outcome(task.message, "failed", task.started_at, error=error, task=task)
+
+    def transient(self, task: Task, exc: BaseException) -> Outcome:
+        """A failure that may pass: retry after a backoff, or dead-letter on the last attempt."""
+        code = exc.code if isinstance(exc, GenesisError) else "internal_error"
+        message = str(exc) or type(exc).__name__
+        details = {**task.payload.identifiers(), "exception": type(exc).__name__,
+                   **(exc.details if isinstance(exc, GenesisError) else {})}
+        if not isinstance(exc, GenesisError):
+            log.exception("handler %s raised unexpectedly on %s/%s", type(task.handler).__name__,
+                          task.message.queue, task.message.msg_id, exc_info=exc)
+        verdict = decide(task.message.read_ct, self.max_attempts, self.retry_base_s, self.retry_max_s, self.rand)
+        if isinstance(verdict, DeadLetter):
+            error = MaxAttemptsExceeded(f"{verdict.reason}; last error ({code}): {message}",
+                                        details={**details, "last_error_code": code, "attempts": task.message.read_ct})
+            return self._outcome(task.message, "dead_letter", task.started_at, error=error, task=task)
+        return Outcome(task.message, "retry", task.started_at, self.clock(),
+                       error=Failure(code, message, details), retry_after_s=verdict.delay_s,
+                       workflow_id=task.workflow_id)
+
+    def _outcome(self, message: ReadMessage, kind: Any, started: dt.datetime, *, error: GenesisError | None = None,
+                 result: dict[str, Any] | None = None, task: Task | None = None) -> Outcome:
+        failure = Failure(error.code, error.message, error.details) if error else None
+        return Outcome(message, kind, started, self.clock(), result=result, error=failure,
+                       workflow_id=task.workflow_id if task else str(uuid.uuid4()))
+

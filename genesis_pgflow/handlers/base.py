@@ -1,0 +1,57 @@
+"""What a handler is: a callable from a validated payload and a work context to a result dict."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from genesis_pgflow.errors import WorkflowTimeout
+from genesis_pgflow.messages import Payload
+
+
+@dataclass
+class WorkContext:
+    """Handed to a handler with each payload.
+
+    Timeouts are cooperative: `deadline` is a time.monotonic() value and `cancelled` is set
+    when the consumer has given up on the run (timeout or shutdown). Work that must be
+    killable runs in a subprocess bounded by `remaining()`.
+    """
+
+    queue: str
+    msg_id: int
+    attempt: int
+    workflow_id: str
+    deadline: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    monotonic: Callable[[], float] = time.monotonic
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - self.monotonic())
+
+    def check(self) -> None:
+        """Raise WorkflowTimeout if the run was cancelled or its deadline has passed."""
+        if self.cancelled.is_set() or self.remaining() <= 0:
+            raise WorkflowTimeout()
+
+
+class Handler(Protocol):
+    """One payload type's workflow.
+
+    Return the result object (contract section 5); raise a PermanentError subclass for a
+    failure that will not go away, a RetryableError for one that may. `timeout_s` lets a
+    handler ask for a longer deadline than the consumer's default (e.g. from the payload).
+    """
+
+    payload_type: str
+
+    def __call__(self, payload: Any, ctx: WorkContext) -> dict[str, Any]: ...
+
+
+def timeout_override(payload: Payload) -> float | None:
+    """The per-request timeout a payload asks for, in seconds, if any."""
+    timeout_ms = getattr(payload, "timeout_ms", None)
+    return timeout_ms / 1000.0 if timeout_ms else None

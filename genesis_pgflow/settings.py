@@ -1,0 +1,82 @@
+"""Settings: one pydantic model, and the only place that reads environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from genesis_pgflow.messages import REQUEST_QUEUES
+
+
+def default_home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("GENESIS_HOME") or Path.home() / ".genesis").expanduser()
+
+
+class Settings(BaseModel):
+    """Everything configurable; built once by the CLI (flags over environment over defaults)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dsn: str | None = None
+    home: Path = Field(default_factory=lambda: default_home(os.environ))
+    parallel: int = Field(default=4, ge=1, le=256)
+    batch_size: int = Field(default=10, ge=1, le=1000)
+    poll_interval_ms: int = Field(default=1000, ge=10)
+    timeout_ms: int = Field(default=30_000, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    queues: tuple[str, ...] = REQUEST_QUEUES
+    drain: bool = False
+    migrate: bool = True
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    # retries through the queue: base * 2**(attempt-1), capped, with full jitter
+    retry_base_s: float = Field(default=2.0, ge=0)
+    retry_max_s: float = Field(default=300.0, ge=0)
+    # lease (pgmq visibility timeout) held on in-flight messages, renewed every lease_s/3: a killed consumer's messages come back within lease_s
+    lease_s: int = Field(default=10, ge=1)
+    # grace period for in-flight work at shutdown
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+
+    # RuleEngine
+    min_rule_confidence: float = Field(default=0.85, ge=0, le=1)
+    # ExperimentRunner
+    regression_threshold: float = Field(default=0.05, ge=0, le=1)
+    experiment_timeout_ms: int = Field(default=3_600_000, ge=1)
+    max_experiments_concurrent: int = Field(default=5, ge=1)
+    sandbox_max_age_days: float = Field(default=7.0, ge=0)
+    sandbox_cleanup_interval_s: float = Field(default=6 * 3600.0, gt=0)
+    sandbox_integrity_interval_s: float = Field(default=24 * 3600.0, gt=0)
+
+    @field_validator("queues")
+    @classmethod
+    def _known_queues(cls, queues: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [q for q in queues if q not in REQUEST_QUEUES]
+        if unknown:
+            raise ValueError(f"unknown queue(s) {', '.join(unknown)}; known: {', '.join(REQUEST_QUEUES)}")
+        if not queues:
+            raise ValueError("at least one queue is needed")
+        return tuple(dict.fromkeys(queues))
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.home / "sandboxes"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
+        """Flags (overrides, None meaning 'not given') over environment over defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {"home": default_home(env)}
+        dsn = env.get("GENESIS_DATABASE_URL") or env.get("DATABASE_URL")
+        if dsn:
+            values["dsn"] = dsn
+        for name, field in cls.model_fields.items():
+            key = f"GENESIS_{name.upper()}"
+            if name not in ("dsn", "home") and env.get(key):
+                values[name] = tuple(env[key].split(",")) if name == "queues" else env[key]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

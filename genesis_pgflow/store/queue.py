@@ -1,0 +1,241 @@
+"""The queue seam: read, complete, retry and lease messages in pgmq (QueueStore, and its PostgreSQL form)."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, Iterable, Protocol, Sequence
+
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.types.json import Jsonb
+
+from genesis_pgflow.messages import (
+    QUEUES, Outcome, ReadMessage, dead_letter_queue, envelope, redact, result_queue,
+)
+from genesis_pgflow.store.database import Database
+from genesis_pgflow.store.queries import sql
+
+log = logging.getLogger(__name__)
+
+
+class QueueStore(Protocol):
+    """What the consumer needs from the queue engine. PgQueueStore and testing.MemoryQueueStore
+    both pass tests/conformance."""
+
+    def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
+        """Lease up to qty visible messages for lease_s seconds; their runs become running."""
+
+    def complete(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
+        """For final outcomes, in one transaction: publish each result (and copy dead letters to
+        the dlq), archive each request, record each run. Returns the outcomes applied: one whose
+        request was no longer in its queue (completed elsewhere) is skipped, never published twice."""
+
+    def retry(self, outcomes: Sequence[Outcome]) -> None:
+        """Make each request visible again after its retry delay and mark its run pending."""
+
+    def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:
+        """Push the leases of in-flight messages ahead; returns the ids still in the queue."""
+
+    def release(self, queue: str, msg_ids: Sequence[int]) -> None:
+        """Give messages back: visible again at once, runs pending."""
+
+    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
+        """Block until a message may have arrived in one of the queues, or timeout; True if woken."""
+
+    def send(self, queue: str, body: Any) -> int:
+        """Enqueue one message."""
+
+    def depth(self, queues: Sequence[str]) -> int:
+        """How many messages the queues hold, visible or not."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def _group(outcomes: Iterable[Outcome]) -> dict[str, list[Outcome]]:
+    grouped: dict[str, list[Outcome]] = defaultdict(list)
+    for outcome in outcomes:
+        grouped[outcome.message.queue].append(outcome)
+    return grouped
+
+
+def _final_runs(queue: str, consumer: str, outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """The parameters of record_final_runs: one array per column."""
+    return {
+        "queue": queue, "consumer": consumer,
+        "msg_ids": [o.message.msg_id for o in outcomes],
+        "workflow_ids": [o.workflow_id for o in outcomes],
+        "types": [o.message.type for o in outcomes],
+        "statuses": [o.status for o in outcomes],
+        "attempts": [o.message.read_ct for o in outcomes],
+        "enqueued": [o.message.enqueued_at for o in outcomes],
+        "started": [o.started_at for o in outcomes],
+        "finished": [o.finished_at for o in outcomes],
+        "errors": [Jsonb(o.error.as_json()) if o.error and o.kind != "completed" else None for o in outcomes],
+        "results": [Jsonb(redact(o.result)) if o.kind == "completed" else None for o in outcomes],
+    }
+
+
+def _table(query: str, table: str) -> pgsql.Composed:
+    return pgsql.SQL(sql(query)).format(table=pgsql.Identifier(table))  # type: ignore[arg-type]
+
+
+class PgQueueStore:
+    """QueueStore on PostgreSQL with pgmq; each method is one transaction of named queries."""
+
+    def __init__(self, db: Database, consumer: str):
+        self.db = db
+        self.consumer = consumer
+        self._listener: psycopg.Connection | None = None
+        self._listening: tuple[str, ...] = ()
+
+    # --- the hot path ---------------------------------------------------------------------
+
+    def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
+        params = {"queue": queue, "qty": qty, "lease_s": lease_s, "consumer": self.consumer}
+        rows = self.db.run(lambda conn: conn.execute(sql("read_batch"), params).fetchall())
+        return [ReadMessage(queue, r["msg_id"], r["read_ct"], r["enqueued_at"], r["message"], r["headers"])
+                for r in rows]
+
+    def complete(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
+        if not outcomes:
+            return []
+        return self.db.run(lambda conn: self._complete(conn, outcomes))
+
+    def _complete(self, conn: psycopg.Connection, outcomes: Sequence[Outcome]) -> list[Outcome]:
+        applied: list[Outcome] = []
+        for queue, items in _group(outcomes).items():
+            ids = [o.message.msg_id for o in items]
+            # Archive first: only what this transaction removed from the queue gets a result, so a
+            # message finished elsewhere (lease lost) or by a retried commit is never answered twice.
+            archived = {row["msg_id"] for row in conn.execute(sql("archive_batch"), {"queue": queue, "msg_ids": ids})}
+            mine = [o for o in items if o.message.msg_id in archived]
+            if not mine:
+                continue
+            results = [Jsonb(envelope(o, self.consumer)) for o in mine]
+            conn.execute(sql("send_batch"), {"queue": result_queue(queue), "messages": results})
+            dead = [o for o in mine if o.kind == "dead_letter"]
+            if dead:
+                letters = [Jsonb(o.message.body) for o in dead]
+                conn.execute(sql("send_batch"), {"queue": dead_letter_queue(queue), "messages": letters})
+            conn.execute(sql("record_final_runs"), _final_runs(queue, self.consumer, mine))
+            applied += mine
+        return applied
+
+    def retry(self, outcomes: Sequence[Outcome]) -> None:
+        def tx(conn: psycopg.Connection) -> None:
+            for queue, items in _group(outcomes).items():
+                params = {"queue": queue, "msg_ids": [o.message.msg_id for o in items],
+                          "delays": [o.retry_after_s for o in items],
+                          "errors": [Jsonb(o.error.as_json()) if o.error else None for o in items]}
+                conn.execute(sql("schedule_retries"), params)
+                conn.execute(sql("record_retries"), params)
+        if outcomes:
+            self.db.run(tx)
+
+    def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:
+        if not msg_ids:
+            return set()
+        params = {"queue": queue, "msg_ids": list(msg_ids), "lease_s": lease_s}
+        return {r["msg_id"] for r in self.db.run(lambda conn: conn.execute(sql("extend_leases"), params).fetchall())}
+
+    def release(self, queue: str, msg_ids: Sequence[int]) -> None:
+        if not msg_ids:
+            return
+        params = {"queue": queue, "msg_ids": list(msg_ids), "lease_s": 0}
+
+        def tx(conn: psycopg.Connection) -> None:
+            conn.execute(sql("extend_leases"), params)
+            conn.execute(sql("release_runs"), params)
+        self.db.run(tx)
+
+    # --- waking on NOTIFY -----------------------------------------------------------------
+
+    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
+        """LISTEN on pgmq's insert channels on a connection of its own; on any trouble the
+        caller's jittered polling is the fallback."""
+        try:
+            listener = self._listen(tuple(queues))
+            for _ in listener.notifies(timeout=max(timeout_s, 0.0), stop_after=1):
+                return True
+            return False
+        except psycopg.Error as exc:
+            log.warning("LISTEN connection lost (%s); polling until it is back", exc)
+            self._close_listener()
+            return False
+
+    def _listen(self, queues: tuple[str, ...]) -> psycopg.Connection:
+        if self._listener is None or self._listener.closed or self._listening != queues:
+            self._close_listener()
+            self._listener = psycopg.connect(self.db.dsn, autocommit=True, connect_timeout=5)
+            for queue in queues:
+                self._listener.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(f"pgmq.q_{queue}.INSERT")))
+            self._listening = queues
+        return self._listener
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except psycopg.Error:
+                pass
+        self._listener = None
+
+    # --- producers and operators ----------------------------------------------------------
+
+    def send(self, queue: str, body: Any) -> int:
+        return self.db.run(lambda conn: conn.execute(sql("send_one"), {"queue": queue, "message": Jsonb(body)})
+                           .fetchone()["msg_id"])
+
+    def depth(self, queues: Sequence[str]) -> int:
+        return self.db.run(lambda conn: conn.execute(sql("total_depth"), {"queues": list(queues)}).fetchone()["depth"])
+
+    def status(self) -> dict[str, Any]:
+        """Per queue: depth, in flight, oldest age, archived, dead-lettered; per type: outcomes."""
+        def tx(conn: psycopg.Connection) -> dict[str, Any]:
+            metrics = {r["queue_name"]: r for r in conn.execute(sql("queue_metrics"))}
+            counts: dict[str, dict[str, int]] = defaultdict(dict)
+            for r in conn.execute(sql("run_counts")):
+                counts[r["queue"]][r["status"]] = r["n"]
+            queues = {}
+            for queue, (kind, results) in QUEUES.items():
+                m = metrics.get(queue, {})
+                archived = conn.execute(_table("count_archived", f"a_{queue}")).fetchone()["count"]
+                queues[queue] = {
+                    "type": kind,
+                    "depth": m.get("queue_length", 0),
+                    "in_flight": m.get("queue_length", 0) - m.get("queue_visible_length", 0),
+                    "oldest_age_s": m.get("oldest_msg_age_sec"),
+                    "archived": archived,
+                    "dead_lettered": metrics.get(dead_letter_queue(queue), {}).get("queue_length", 0),
+                    "results_waiting": metrics.get(results, {}).get("queue_length", 0),
+                    "completed": counts[queue].get("completed", 0),
+                    "failed": counts[queue].get("failed", 0),
+                    "retrying": counts[queue].get("pending", 0),
+                    "running": counts[queue].get("running", 0),
+                }
+            return {"queues": queues}
+        return self.db.run(tx)
+
+    def dead_letters(self, queue: str, limit: int = 100) -> list[dict[str, Any]]:
+        query = _table("peek_dead_letters", f"q_{dead_letter_queue(queue)}")
+        return self.db.run(lambda conn: conn.execute(query, {"limit": limit}).fetchall())
+
+    def requeue_dead_letters(self, queue: str, msg_ids: Sequence[int] = ()) -> list[tuple[int, int]]:
+        """Send dead letters back to their request queue as new messages; returns (old, new) ids."""
+        dlq = dead_letter_queue(queue)
+
+        def tx(conn: psycopg.Connection) -> list[tuple[int, int]]:
+            rows = conn.execute(_table("take_dead_letters", f"q_{dlq}"),
+                                {"all": not msg_ids, "msg_ids": list(msg_ids)}).fetchall()
+            moved = []
+            for row in rows:
+                new_id = conn.execute(sql("send_one"), {"queue": queue, "message": Jsonb(row["message"])}).fetchone()
+                conn.execute(sql("archive_one"), {"queue": dlq, "msg_id": row["msg_id"]})
+                moved.append((row["msg_id"], new_id["msg_id"]))
+            return moved
+        return self.db.run(tx)
+
+    def close(self) -> None:
+        self._close_listener()

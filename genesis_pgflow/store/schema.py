@@ -1,0 +1,136 @@
+"""`genesis db upgrade`: pgmq present, every queue created, the genesis schema migrated to head."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+from genesis_pgflow.errors import SchemaBehind
+from genesis_pgflow.messages import REQUEST_QUEUES, all_queue_names
+from genesis_pgflow.store.queries import sql
+
+log = logging.getLogger(__name__)
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+UPGRADE_LOCK = "genesis_pgflow.upgrade"
+NOTIFY_THROTTLE_MS = 0
+
+
+@dataclass
+class UpgradeReport:
+    pgmq: str = ""            # "extension" | "sql" | "present"
+    queues_created: list[str] = field(default_factory=list)
+    revision_before: str | None = None
+    revision_after: str | None = None
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _current_revision(conn: psycopg.Connection) -> str | None:
+    if not conn.execute(sql("schema_version_table_exists")).fetchone()[0]:
+        return None
+    row = conn.execute(sql("schema_revision")).fetchone()
+    return None if row is None or row[0] is None else row[0]
+
+
+def _ensure_pgmq(conn: psycopg.Connection) -> str:
+    if conn.execute(sql("pgmq_schema_exists")).fetchone()[0]:
+        return "present"
+    if conn.execute(sql("pgmq_extension_available")).fetchone()[0]:
+        with conn.transaction():
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pgmq")
+        return "extension"
+    # The SQL-only installer cannot be re-run over an existing schema: it runs only when the
+    # schema is absent, under the upgrade lock, in one transaction.
+    from pgmq.install import install_pgmq_from_sql
+
+    with psycopg.connect(conn.info.dsn, autocommit=False) as install_conn:
+        install_pgmq_from_sql(conn=install_conn)
+        install_conn.commit()
+    return "sql"
+
+
+def _ensure_queues(conn: psycopg.Connection) -> list[str]:
+    existing = {row[0] for row in conn.execute(sql("list_queues"))}
+    created = []
+    for name in all_queue_names():
+        if name not in existing:
+            with conn.transaction():
+                conn.execute(sql("create_queue"), {"queue": name})
+            created.append(name)
+    notified = {row[0] for row in conn.execute(sql("notify_enabled_queues"))}
+    for name in REQUEST_QUEUES:
+        if name not in notified:
+            with conn.transaction():
+                conn.execute(sql("enable_notify"), {"queue": name, "throttle_ms": NOTIFY_THROTTLE_MS})
+    return created
+
+
+def _migrate(dsn: str) -> None:
+    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE SCHEMA IF NOT EXISTS genesis")
+            config = _alembic_config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+
+
+def upgrade(dsn: str) -> UpgradeReport:
+    """Idempotent; concurrent callers wait for each other on an advisory lock."""
+    report = UpgradeReport()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql("advisory_lock"), {"key": UPGRADE_LOCK})
+        try:
+            report.pgmq = _ensure_pgmq(conn)
+            report.queues_created = _ensure_queues(conn)
+            report.revision_before = _current_revision(conn)
+            _migrate(dsn)
+            report.revision_after = _current_revision(conn)
+        finally:
+            conn.execute(sql("advisory_unlock"), {"key": UPGRADE_LOCK})
+    log.info("database upgraded: pgmq %s, %d queue(s) created, revision %s -> %s", report.pgmq,
+             len(report.queues_created), report.revision_before, report.revision_after)
+    return report
+
+
+def problems(dsn: str) -> list[str]:
+    """What keeps this database from being current (empty when it is)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if not conn.execute(sql("pgmq_schema_exists")).fetchone()[0]:
+            return ["pgmq is not installed"]
+        found: list[str] = []
+        existing = {row[0] for row in conn.execute(sql("list_queues"))}
+        missing = [q for q in all_queue_names() if q not in existing]
+        if missing:
+            found.append(f"missing queue(s): {', '.join(missing)}")
+        revision, head = _current_revision(conn), head_revision()
+        if revision != head:
+            found.append(f"genesis schema is at revision {revision or 'none'}, head is {head}")
+        return found
+
+
+def require_current(dsn: str) -> None:
+    """Raise SchemaBehind unless the database is at the current schema."""
+    found = problems(dsn)
+    if found:
+        raise SchemaBehind(f"the database is behind ({'; '.join(found)}): run `genesis db upgrade`")

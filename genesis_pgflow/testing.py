@@ -1,0 +1,207 @@
+"""In-memory twins of the stores and a fake clock, so the loop and handlers are tested without a database.
+
+The twins follow pgmq's semantics (visibility timeout, read count, archive) closely enough to pass
+the same conformance suite as the PostgreSQL stores (tests/conformance)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from genesis_pgflow.messages import (
+    QUEUES, Outcome, ReadMessage, all_queue_names, dead_letter_queue, envelope, redact, result_queue,
+)
+from genesis_pgflow.store.state import Applied, LlmConfig, RuleVersion, decide_rule, same_config
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told to; sleep() moves it."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+    sleep = advance
+
+    def utc(self) -> dt.datetime:
+        return dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=self.now)
+
+
+@dataclass
+class _Stored:
+    msg_id: int
+    body: Any
+    enqueued_at: dt.datetime
+    vt: float
+    read_ct: int = 0
+
+
+@dataclass
+class MemoryQueueStore:
+    """QueueStore in memory; `clock` gives seconds (a FakeClock in tests)."""
+
+    consumer: str = "test:1"
+    clock: Callable[[], float] = field(default_factory=lambda: FakeClock())
+    queues: dict[str, dict[int, _Stored]] = field(default_factory=dict)
+    archives: dict[str, list[_Stored]] = field(default_factory=dict)
+    runs: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self._arrived = threading.Condition(self._lock)
+        for name in all_queue_names():
+            self.queues.setdefault(name, {})
+            self.archives.setdefault(name, [])
+
+    def _now_utc(self) -> dt.datetime:
+        return dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=self.clock())
+
+    def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
+        with self._lock:
+            now = self.clock()
+            visible = sorted((m for m in self.queues[queue].values() if m.vt <= now), key=lambda m: m.msg_id)[:qty]
+            out = []
+            for m in visible:
+                m.vt = now + lease_s
+                m.read_ct += 1
+                run = self.runs.setdefault((queue, m.msg_id), {})
+                run.update(status="running", attempts=m.read_ct, type=_type(m.body), consumer=self.consumer)
+                out.append(ReadMessage(queue, m.msg_id, m.read_ct, m.enqueued_at, m.body))
+            return out
+
+    def complete(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
+        with self._lock:
+            applied = []
+            for o in outcomes:
+                stored = self.queues[o.message.queue].pop(o.message.msg_id, None)
+                if stored is None:
+                    continue
+                self.archives[o.message.queue].append(stored)
+                self._send(result_queue(o.message.queue), envelope(o, self.consumer))
+                if o.kind == "dead_letter":
+                    self._send(dead_letter_queue(o.message.queue), o.message.body)
+                self.runs[(o.message.queue, o.message.msg_id)].update(
+                    status=o.status, workflow_id=o.workflow_id, attempts=o.message.read_ct,
+                    error=o.error.as_json() if o.error and o.kind != "completed" else None,
+                    result=redact(o.result) if o.kind == "completed" else None)
+                applied.append(o)
+            return applied
+
+    def retry(self, outcomes: Sequence[Outcome]) -> None:
+        with self._lock:
+            for o in outcomes:
+                stored = self.queues[o.message.queue].get(o.message.msg_id)
+                if stored is not None:
+                    stored.vt = self.clock() + o.retry_after_s
+                    self.runs[(o.message.queue, o.message.msg_id)].update(
+                        status="pending", error=o.error.as_json() if o.error else None)
+
+    def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:
+        with self._lock:
+            kept = set()
+            for msg_id in msg_ids:
+                if msg_id in self.queues[queue]:
+                    self.queues[queue][msg_id].vt = self.clock() + lease_s
+                    kept.add(msg_id)
+            return kept
+
+    def release(self, queue: str, msg_ids: Sequence[int]) -> None:
+        with self._lock:
+            for msg_id in msg_ids:
+                if msg_id in self.queues[queue]:
+                    self.queues[queue][msg_id].vt = self.clock()
+                    self.runs[(queue, msg_id)]["status"] = "pending"
+
+    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
+        with self._arrived:
+            return self._arrived.wait(min(timeout_s, 0.05))
+
+    def send(self, queue: str, body: Any) -> int:
+        with self._lock:
+            return self._send(queue, body)
+
+    def _send(self, queue: str, body: Any) -> int:
+        msg_id = next(self._ids)
+        self.queues[queue][msg_id] = _Stored(msg_id, body, self._now_utc(), self.clock())
+        self._arrived.notify_all()
+        return msg_id
+
+    def depth(self, queues: Sequence[str]) -> int:
+        with self._lock:
+            return sum(len(self.queues[q]) for q in queues)
+
+    def close(self) -> None:
+        pass
+
+    # --- for assertions -------------------------------------------------------------------
+
+    def messages(self, queue: str) -> list[Any]:
+        with self._lock:
+            return [m.body for m in sorted(self.queues[queue].values(), key=lambda m: m.msg_id)]
+
+    def archived(self, queue: str) -> list[int]:
+        with self._lock:
+            return [m.msg_id for m in self.archives[queue]]
+
+
+def _type(body: Any) -> str | None:
+    return body.get("type") if isinstance(body, dict) else None
+
+
+@dataclass
+class MemoryStateStore:
+    """StateStore in memory."""
+
+    rule_versions: dict[tuple[str, str], dict[int, RuleVersion]] = field(default_factory=dict)
+    llm_versions: dict[tuple[str, str], list[LlmConfig]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
+        with self._lock:
+            versions = self.rule_versions.setdefault((rule.namespace, rule.rule_id), {})
+            active = max(versions) if versions else None
+            decision = decide_rule(active, rule.version)
+            if decision == "applied":
+                versions[rule.version] = rule
+                return decision, rule.version
+            return decision, active  # type: ignore[return-value]
+
+    def rules(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            out = []
+            for (ns, rule_id), versions in sorted(self.rule_versions.items()):
+                if versions and namespace in (None, ns):
+                    r = versions[max(versions)]
+                    out.append({"namespace": ns, "rule_id": rule_id, "version": r.version,
+                                "confidence": r.confidence, "rule": r.rule})
+            return out
+
+    def apply_llm_config(self, config: LlmConfig, workflow_id: str) -> tuple[Applied, int]:
+        with self._lock:
+            history = self.llm_versions.setdefault((config.provider, config.complexity), [])
+            active = vars(history[-1]) | {"version": len(history)} if history else None
+            if same_config(active, config):
+                return "unchanged", len(history)
+            history.append(config)
+            return "applied", len(history)
+
+    def llm_configs(self, provider: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{**vars(h[-1]), "version": len(h)} for (p, _c), h in sorted(self.llm_versions.items())
+                    if h and provider in (None, p)]
+
+
+__all__ = ["FakeClock", "MemoryQueueStore", "MemoryStateStore", "QUEUES"]

@@ -1,0 +1,98 @@
+-- The consumer's hot path and the admin commands over pgmq. Named blocks: see store/queries.py.
+
+-- name: read_batch
+-- Lease up to qty visible messages of one queue for lease_s seconds and mark their runs running, in one round trip.
+WITH leased AS (
+    SELECT msg_id, read_ct, enqueued_at, message, headers
+    FROM pgmq.read(%(queue)s, %(lease_s)s, %(qty)s)
+), runs AS (
+    INSERT INTO genesis.workflow_runs AS r (queue, msg_id, type, status, attempts, enqueued_at, started_at, updated_at, consumer)
+    SELECT %(queue)s, msg_id, message ->> 'type', 'running', read_ct, enqueued_at, now(), now(), %(consumer)s
+    FROM leased
+    ON CONFLICT (queue, msg_id) DO UPDATE
+        SET status = 'running', attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at,
+            updated_at = now(), consumer = EXCLUDED.consumer, next_attempt_at = NULL
+)
+SELECT msg_id, read_ct, enqueued_at, message, headers FROM leased ORDER BY msg_id
+
+-- name: archive_batch
+-- Move messages from a queue to its archive; returns the ids that were still in the queue.
+SELECT archived AS msg_id FROM pgmq.archive(%(queue)s, %(msg_ids)s::bigint[]) AS archived
+
+-- name: send_batch
+-- Send several JSON messages to one queue.
+SELECT msg_id FROM pgmq.send_batch(%(queue)s, %(messages)s::jsonb[]) AS msg_id
+
+-- name: send_one
+-- Send one JSON message to a queue (genesis send, dead-letter requeue).
+SELECT pgmq.send(%(queue)s, %(message)s::jsonb) AS msg_id
+
+-- name: record_final_runs
+-- Record the final outcome of several runs of one queue.
+INSERT INTO genesis.workflow_runs AS r (queue, msg_id, workflow_id, type, status, attempts, enqueued_at, started_at,
+                                        finished_at, updated_at, consumer, error, result)
+SELECT %(queue)s, o.msg_id, o.workflow_id, o.type, o.status, o.attempts, o.enqueued_at, o.started_at,
+       o.finished_at, now(), %(consumer)s, o.error, o.result
+FROM unnest(%(msg_ids)s::bigint[], %(workflow_ids)s::uuid[], %(types)s::text[], %(statuses)s::text[],
+            %(attempts)s::int[], %(enqueued)s::timestamptz[], %(started)s::timestamptz[],
+            %(finished)s::timestamptz[], %(errors)s::jsonb[], %(results)s::jsonb[])
+     AS o(msg_id, workflow_id, type, status, attempts, enqueued_at, started_at, finished_at, error, result)
+ON CONFLICT (queue, msg_id) DO UPDATE
+    SET workflow_id = EXCLUDED.workflow_id, type = EXCLUDED.type, status = EXCLUDED.status,
+        attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
+        updated_at = now(), consumer = EXCLUDED.consumer, error = EXCLUDED.error, result = EXCLUDED.result,
+        next_attempt_at = NULL
+
+-- name: schedule_retries
+-- Make messages visible again after their backoff delays (seconds); returns the ids still in the queue.
+SELECT t.msg_id
+FROM unnest(%(msg_ids)s::bigint[], %(delays)s::float8[]) AS t(msg_id, delay_s)
+CROSS JOIN LATERAL pgmq.set_vt(%(queue)s, t.msg_id, clock_timestamp() + make_interval(secs => t.delay_s)) AS v
+
+-- name: record_retries
+-- Mark runs pending again with the error that caused the retry and when the next attempt is due.
+UPDATE genesis.workflow_runs AS r
+SET status = 'pending', updated_at = now(), error = t.error,
+    next_attempt_at = now() + make_interval(secs => t.delay_s)
+FROM unnest(%(msg_ids)s::bigint[], %(delays)s::float8[], %(errors)s::jsonb[]) AS t(msg_id, delay_s, error)
+WHERE r.queue = %(queue)s AND r.msg_id = t.msg_id
+
+-- name: extend_leases
+-- Push the visibility timeout of in-flight messages lease_s seconds ahead; returns the ids still held.
+SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(msg_ids)s::bigint[], %(lease_s)s)
+
+-- name: release_runs
+-- Mark given-back runs pending (their messages are visible again).
+UPDATE genesis.workflow_runs SET status = 'pending', updated_at = now()
+WHERE queue = %(queue)s AND msg_id = ANY(%(msg_ids)s::bigint[]) AND status = 'running'
+
+-- name: queue_metrics
+-- pgmq's metrics of every queue.
+SELECT queue_name, queue_length, queue_visible_length, oldest_msg_age_sec, total_messages FROM pgmq.metrics_all()
+
+-- name: run_counts
+-- Completed and failed runs per queue and type.
+SELECT queue, coalesce(type, '(none)') AS type, status, count(*) AS n
+FROM genesis.workflow_runs GROUP BY queue, type, status
+
+-- name: peek_dead_letters
+-- The messages waiting in a dead-letter queue, oldest first.
+SELECT msg_id, read_ct, enqueued_at, message, headers FROM pgmq.{table} ORDER BY msg_id LIMIT %(limit)s
+
+-- name: count_archived
+-- How many messages a queue has archived.
+SELECT count(*) FROM pgmq.{table}
+
+-- name: take_dead_letters
+-- Lease the chosen (or all) messages of a dead-letter queue for requeueing.
+SELECT msg_id, message, headers FROM pgmq.{table}
+WHERE %(all)s OR msg_id = ANY(%(msg_ids)s::bigint[])
+ORDER BY msg_id FOR UPDATE SKIP LOCKED
+
+-- name: archive_one
+-- Archive one message.
+SELECT pgmq.archive(%(queue)s, %(msg_id)s::bigint)
+
+-- name: total_depth
+-- How many messages (visible or not) the given queues hold.
+SELECT coalesce(sum(queue_length), 0)::bigint AS depth FROM pgmq.metrics_all() WHERE queue_name = ANY(%(queues)s::text[])

@@ -1,0 +1,36 @@
+-- The state RuleEngine and LlmConfigManager keep in the genesis schema. Named blocks: see store/queries.py.
+
+-- name: lock_key
+-- Serialise changes to one rule or one LLM configuration for the rest of the transaction.
+SELECT pg_advisory_xact_lock(hashtext(%(key)s))
+
+-- name: active_rule_version
+-- The active (highest) version of one rule, if any.
+SELECT max(version) AS version FROM genesis.rule_versions WHERE namespace = %(namespace)s AND rule_id = %(rule_id)s
+
+-- name: insert_rule_version
+-- Record a newly applied rule version.
+INSERT INTO genesis.rule_versions (namespace, rule_id, version, confidence, rule, workflow_id)
+VALUES (%(namespace)s, %(rule_id)s, %(version)s, %(confidence)s, %(rule)s, %(workflow_id)s)
+
+-- name: list_active_rules
+-- The active version of every rule, optionally of one namespace.
+SELECT namespace, rule_id, version, confidence, rule, applied_at FROM genesis.active_rules
+WHERE %(namespace)s::text IS NULL OR namespace = %(namespace)s ORDER BY namespace, rule_id
+
+-- name: active_llm_config
+-- The active configuration of one provider and complexity, secrets included (never printed).
+SELECT version, models, task_types, settings FROM genesis.llm_config_versions
+WHERE provider = %(provider)s AND complexity = %(complexity)s ORDER BY version DESC LIMIT 1
+
+-- name: insert_llm_config
+-- Record a new version of one provider's configuration.
+INSERT INTO genesis.llm_config_versions (provider, complexity, version, models, task_types, settings, workflow_id)
+VALUES (%(provider)s, %(complexity)s, %(version)s, %(models)s, %(task_types)s, %(settings)s, %(workflow_id)s)
+
+-- name: list_llm_configs
+-- Every active configuration with its settings (the caller redacts secrets).
+SELECT DISTINCT ON (provider, complexity) provider, complexity, version, models, task_types, settings, applied_at
+FROM genesis.llm_config_versions
+WHERE %(provider)s::text IS NULL OR provider = %(provider)s
+ORDER BY provider, complexity, version DESC
