@@ -199,7 +199,7 @@ class Consumer:
     def run_once(self, wait_s: float = 0.0) -> int:
         """One iteration: fetch, wait up to wait_s for a job to finish, collect, complete, renew."""
         fetched = 0 if self.stopping.is_set() else self.fetch()
-        if wait_s > 0 and self.running and not self.finals and not self.retries:
+        if wait_s > 0 and (self.running or self.overrun) and not self.finals and not self.retries:
             self.wakeup.wait(min(wait_s, self._until_next_deadline()))
         self.wakeup.clear()
         self.collect()

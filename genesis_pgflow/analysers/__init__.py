@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -139,8 +139,7 @@ class Toolchain:
 
     def bounded(self, deadline: float, cancelled: threading.Event) -> "Toolchain":
         """The same toolchain, bounded by a run's deadline and cancel event."""
-        return Toolchain(self.sandbox, self.python, self.sandbox_python, self.node_modules, self.node,
-                         self.elixir, self.test_limits, deadline, cancelled)
+        return replace(self, deadline=deadline, cancelled=cancelled)
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -177,7 +176,8 @@ ALIASES = {
     "py": "python", "python3": "python", "js": "javascript", "node": "javascript", "nodejs": "javascript",
     "mjs": "javascript", "cjs": "javascript", "ts": "typescript", "ex": "elixir", "exs": "elixir",
     "c++": "cpp", "cxx": "cpp", "cs": "csharp", "c#": "csharp", "golang": "go", "rb": "ruby",
-    "rs": "rust", "kt": "kotlin",
+    "rs": "rust", "kt": "kotlin", "objc": "objectivec", "objective-c": "objectivec", "jsx": "tsx",
+    "vuejs": "vue", "ttcn3": "ttcn", "pl/sql": "plsql", "c": "cpp",
 }
 
 

@@ -7,7 +7,7 @@ from functools import partial
 
 import lizard_languages
 
-from genesis_pgflow.analysers import Analyser, Analysis, Function, Toolchain, quality_analysis
+from genesis_pgflow.analysers import Analyser, Analysis, Function, Toolchain, normalise, quality_analysis
 
 # run in a subprocess: lizard only tokenises the code, read from stdin
 _LIZARD = """
@@ -30,11 +30,12 @@ def lizard_quality(code: str, tools: Toolchain, *, extension: str) -> Analysis:
 
 
 def _languages() -> dict[str, str]:
-    """lizard's language names -> a file extension it reads them from."""
+    """lizard's languages (each by its first name; ALIASES maps the others) -> an extension."""
     found: dict[str, str] = {}
     for reader in lizard_languages.languages():
-        for name in getattr(reader, "language_names", []):
-            found.setdefault(name.lower(), reader.ext[0])
+        names = getattr(reader, "language_names", None)
+        if names:
+            found.setdefault(normalise(names[0]), reader.ext[0])
     return found
 
 

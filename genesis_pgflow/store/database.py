@@ -77,7 +77,7 @@ class Database:
     def _retrying(self) -> Retrying:
         return Retrying(
             retry=retry_if_exception(is_transient),
-            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
             stop=stop_after_delay(self.retry_for_s) | stop_after_attempt(50),
             reraise=True,
             before_sleep=lambda state: log.warning("database error, retrying: %s", state.outcome.exception()),

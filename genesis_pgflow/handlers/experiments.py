@@ -1,0 +1,516 @@
+"""ExperimentRunner: the handler of genesis_experiment_request.
+
+One experiment, start to end:
+
+1. isolate: clone `repo` at `base_ref` into <home>/sandboxes/<experiment_id>/ (workspace.py);
+2. baseline: run the test suite there, in the sandbox (sandbox.py), per-test outcomes from JUnit XML;
+3. change: apply `changes` (whole files, or a unified diff checked by `git apply --check`), commit
+   on branch experiment/<experiment_id>, run the same tests again;
+4. measure: success_rate, regression (the share of tests that passed at the baseline and do not
+   pass after the change), test_count, failures, duration_ms;
+5. decide: regression above the threshold rolls the copy back to the baseline commit; recommend
+   merge, merge_with_review or reject (see `decide`).
+
+Every step is recorded through ExperimentRecords. A timeout (the request's timeout_ms, else
+settings.experiment_timeout_ms, never past the consumer's deadline) rolls back and fails the
+experiment with WorkflowTimeout. At most settings.max_experiments_concurrent experiments run at
+once in one process, whatever the consumer's parallelism.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+from xml.etree import ElementTree
+
+from genesis_pgflow.errors import GenesisError, PermanentError, SandboxUnavailable, WorkflowTimeout
+from genesis_pgflow.handlers.base import WorkContext
+from genesis_pgflow.messages import ExperimentRequest
+from genesis_pgflow.sandbox import SANDBOX_DIR, Limits, Sandbox, SandboxResult
+from genesis_pgflow.settings import Settings
+from genesis_pgflow.store.experiments import ExperimentRecords, ExperimentStart, RunRecord
+from genesis_pgflow.workspace import Workspace, tree_size
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["passed", "failed", "error", "skipped"]
+Status = Literal["success", "regressed", "failed"]
+Recommendation = Literal["merge", "merge_with_review", "reject"]
+
+JUNIT_FILE = ".genesis-junit.xml"
+JUNIT_MAX_BYTES = 32 * 2**20
+SANDBOX_PYTHON = "/usr/bin/python3"
+# pytest's exit status when it collected no test at all
+NO_TESTS_COLLECTED = 5
+
+# Test suites get more room than the sandbox's defaults for snippets; wall and CPU time are cut
+# down to what is left of the experiment's time at each run.
+EXPERIMENT_LIMITS = Limits(cpu_s=3600, memory_bytes=2 * 2**30, processes=256, file_bytes=256 * 2**20,
+                           open_files=1024, wall_s=3600.0, output_bytes=2**20)
+
+
+class ExperimentUnmeasurable(PermanentError):
+    """The test command could not be run in the sandbox at all."""
+
+    code = "test_command_failed"
+
+
+# --- which tests a risk level runs ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestSelection:
+    """The pytest arguments one risk level adds: the paths that exist among `paths`, else the
+    marker expression; both empty means the whole suite."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    paths: tuple[str, ...] = ()
+    marker: str | None = None
+
+    def pytest_args(self, root: Path) -> list[str]:
+        present = [p for p in self.paths if (root / p).is_dir() and not (root / p).is_symlink()]
+        if present:
+            return present
+        return ["-m", self.marker] if self.marker else []
+
+
+# low: unit tests; medium: unit and integration tests; high: the whole suite. By path when the
+# repository has tests/unit and tests/integration, else by marker. A selection that collects
+# nothing falls back to the whole suite.
+DEFAULT_SELECTION: Mapping[str, TestSelection] = {
+    "low": TestSelection(("tests/unit",), "not integration and not slow and not e2e"),
+    "medium": TestSelection(("tests/unit", "tests/integration"), "not slow and not e2e"),
+    "high": TestSelection(),
+}
+
+
+# --- one run's per-test outcomes ------------------------------------------------------------
+
+_SEVERITY = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+
+
+@dataclass
+class TestRun:
+    """One test-suite run: the outcome of each test, by id."""
+
+    __test__ = False
+
+    outcomes: dict[str, Outcome]
+    command: list[str]
+    result: SandboxResult
+    measured: bool  # per-test outcomes came from a JUnit report
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for o in self.outcomes.values() if o == outcome)
+
+    @property
+    def passed(self) -> set[str]:
+        return {t for t, o in self.outcomes.items() if o == "passed"}
+
+    @property
+    def test_count(self) -> int:
+        return sum(1 for o in self.outcomes.values() if o != "skipped")
+
+    @property
+    def success_rate(self) -> float:
+        return len(self.passed) / self.test_count if self.test_count else 0.0
+
+    def record(self, phase: str, commit: str | None) -> RunRecord:
+        output = (self.result.stdout + self.result.stderr)[-4000:]
+        return RunRecord(phase=phase, commit=commit, command=self.command, returncode=self.result.returncode,
+                         timed_out=self.result.timed_out, passed=self.count("passed"),
+                         failed=self.count("failed"), errors=self.count("error"), skipped=self.count("skipped"),
+                         duration_ms=round(self.result.duration_s * 1000.0, 3), output_tail=output)
+
+
+def parse_junit(text: str) -> dict[str, Outcome]:
+    """test id (classname::name) -> outcome, from pytest's JUnit XML. A test reported twice (a
+    teardown error after a pass) keeps its worst outcome."""
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
+        raise ValueError("JUnit report with a DTD refused")  # no entity expansion of untrusted XML
+    root = ElementTree.fromstring(text)
+    outcomes: dict[str, Outcome] = {}
+    for case in root.iter("testcase"):
+        classname, name = case.get("classname", ""), case.get("name", "")
+        test_id = f"{classname}::{name}" if classname else name
+        tags = {child.tag for child in case}
+        outcome: Outcome = ("error" if "error" in tags else "failed" if "failure" in tags
+                            else "skipped" if "skipped" in tags else "passed")
+        previous = outcomes.get(test_id)
+        if previous is None or _SEVERITY[outcome] > _SEVERITY[previous]:
+            outcomes[test_id] = outcome
+    return outcomes
+
+
+def read_report(path: Path) -> str | None:
+    """The report the test run wrote, if it is a regular file (never through a symlink the code
+    under test planted) of sane size."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > JUNIT_MAX_BYTES:
+            return None
+        return handle.read().decode("utf-8", errors="replace")
+
+
+# --- metrics and the decision ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metrics:
+    success_rate: float
+    regression: float
+    baseline_success_rate: float
+    test_count: int
+    failures: int
+    duration_ms: float
+    new_failures: int = 0  # tests that passed at the baseline and not after the change
+
+    def as_json(self) -> dict[str, Any]:
+        return {"success_rate": round(self.success_rate, 6), "regression": round(self.regression, 6),
+                "baseline_success_rate": round(self.baseline_success_rate, 6), "test_count": self.test_count,
+                "failures": self.failures, "duration_ms": round(self.duration_ms, 3)}
+
+
+def measure(baseline: TestRun, change: TestRun, duration_ms: float) -> Metrics:
+    """Compare the two runs. A test that passed at the baseline and failed, errored or disappeared
+    after the change counts as regressed (one that became skipped does not)."""
+    before = baseline.passed
+    broken = {t for t in before if change.outcomes.get(t) in ("failed", "error", None)}
+    return Metrics(
+        success_rate=change.success_rate,
+        regression=len(broken) / len(before) if before else 0.0,
+        baseline_success_rate=baseline.success_rate,
+        test_count=change.test_count,
+        failures=change.count("failed") + change.count("error"),
+        duration_ms=duration_ms,
+        new_failures=len(broken),
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: Status
+    recommendation: Recommendation
+    rollback: bool
+    reason: str
+
+
+def decide(metrics: Metrics, *, risk_level: str, threshold: float, measured: bool = True) -> Decision:
+    """The documented rules, in order:
+
+    1. regression > threshold                      -> regressed, reject, rolled back
+    2. the change could not be measured, or its
+       success_rate < baseline_success_rate        -> failed, reject (kept for analysis)
+    3. risk high, no tests ran, or some test that
+       passed at the baseline fails now             -> success, merge_with_review
+    4. otherwise                                    -> success, merge
+    """
+    if metrics.regression > threshold:
+        return Decision("regressed", "reject", True,
+                        f"regression {metrics.regression:.3f} is above the threshold {threshold:.3f}")
+    if not measured:
+        return Decision("failed", "reject", False, "the tests could not be run after the change")
+    if metrics.success_rate < metrics.baseline_success_rate - 1e-9:
+        return Decision("failed", "reject", False,
+                        f"success rate fell from {metrics.baseline_success_rate:.3f} to {metrics.success_rate:.3f}")
+    if risk_level == "high":
+        return Decision("success", "merge_with_review", False, "high-risk changes are always reviewed")
+    if metrics.test_count == 0:
+        return Decision("success", "merge_with_review", False, "no test measured the change")
+    if metrics.new_failures:
+        return Decision("success", "merge_with_review", False,
+                        f"{metrics.new_failures} test(s) that passed at the baseline fail now")
+    return Decision("success", "merge", False, "no regression")
+
+
+# --- the handler ----------------------------------------------------------------------------
+
+
+def default_python_path() -> tuple[Path, ...]:
+    """The directory holding pytest in this interpreter's environment, to be seen read-only (and
+    put on PYTHONPATH) by the sandbox's /usr/bin/python3."""
+    spec = importlib.util.find_spec("pytest")
+    if spec is None or not spec.origin:
+        return ()
+    return (Path(spec.origin).resolve().parents[1],)
+
+
+class ExperimentTimedOut(Exception):
+    """Internal: the experiment ran out of time (turned into WorkflowTimeout after rollback)."""
+
+
+@dataclass
+class _Attempt:
+    """What one run of the handler has done so far (for rollback and for the records)."""
+
+    workspace: Workspace
+    started: float
+    deadline: float
+    baseline_commit: str | None = None
+    changed: bool = False
+    rolled_back: bool = False
+    selection: list[str] = field(default_factory=list)
+
+
+class ExperimentRunner:
+    """The handler of genesis_experiment_request (see the module docstring).
+
+    settings: sandboxes_dir, regression_threshold, experiment_timeout_ms, max_experiments_concurrent.
+    records: where experiments, runs and sandbox events are kept.
+    sandbox: runs the test suites (Sandbox.run with the copy as its writable directory).
+    selection: risk level -> TestSelection (default DEFAULT_SELECTION).
+    python / python_path: the interpreter inside the sandbox and the read-only directories put on
+    its PYTHONPATH (default: /usr/bin/python3 and the site-packages holding this pytest).
+    limits: the sandbox limits of one test-suite run (time limits are cut to what is left).
+    """
+
+    payload_type = "genesis_experiment_request"
+
+    def __init__(self, settings: Settings, records: ExperimentRecords, sandbox: Sandbox, *,
+                 selection: Mapping[str, TestSelection] = DEFAULT_SELECTION, python: str = SANDBOX_PYTHON,
+                 python_path: Sequence[Path] | None = None, limits: Limits = EXPERIMENT_LIMITS,
+                 monotonic: Any = time.monotonic):
+        self.settings = settings
+        self.records = records
+        self.sandbox = sandbox
+        self.selection = dict(selection)
+        self.python = python
+        self.python_path = tuple(default_python_path() if python_path is None else python_path)
+        self.limits = limits
+        self.monotonic = monotonic
+        self.slots = threading.BoundedSemaphore(settings.max_experiments_concurrent)
+        self._running = 0
+        self._running_lock = threading.Lock()
+        self.peak_running = 0  # the most experiments seen running at once (for tests and metrics)
+
+    def timeout_s(self, payload: ExperimentRequest) -> float:
+        """The deadline this experiment asks the consumer for."""
+        return (payload.timeout_ms or self.settings.experiment_timeout_ms) / 1000.0
+
+    # -- the entry point -----------------------------------------------------------------------
+
+    def __call__(self, payload: ExperimentRequest, ctx: WorkContext) -> dict[str, Any]:
+        self.sandbox.check()  # SandboxUnavailable before anything is cloned
+        started = self.monotonic()
+        deadline = started + min(self.timeout_s(payload), ctx.remaining())
+        self._take_slot(ctx, deadline)
+        try:
+            with self._running_lock:
+                self._running += 1
+                self.peak_running = max(self.peak_running, self._running)
+            return self._run(payload, ctx, started, deadline)
+        finally:
+            with self._running_lock:
+                self._running -= 1
+            self.slots.release()
+
+    def _take_slot(self, ctx: WorkContext, deadline: float) -> None:
+        while not self.slots.acquire(timeout=0.1):
+            if ctx.cancelled.is_set() or self.monotonic() >= deadline:
+                raise WorkflowTimeout("no experiment slot came free before the deadline "
+                                      f"(max_experiments_concurrent={self.settings.max_experiments_concurrent})")
+
+    def _run(self, request: ExperimentRequest, ctx: WorkContext, started: float, deadline: float) -> dict[str, Any]:
+        ids = {"experiment_id": request.experiment_id, "instance_id": request.instance_id}
+        workspace = Workspace(self.settings.sandboxes_dir, request.experiment_id)
+        attempt = _Attempt(workspace, started, deadline)
+        self.records.experiment_started(ExperimentStart(
+            experiment_id=request.experiment_id, instance_id=request.instance_id,
+            experiment_type=request.experiment_type, description=request.description,
+            risk_level=request.risk_level, repo=request.repo, base_ref=request.base_ref,
+            sandbox_path=str(workspace.path)))
+        try:
+            return self._experiment(request, ctx, attempt, ids)
+        except ExperimentTimedOut as exc:
+            self._give_up(request, attempt, rollback=True)
+            error = WorkflowTimeout(f"experiment {request.experiment_id} ran past its timeout: {exc}",
+                                    details=self._details(ids, attempt))
+            self._record_failure(request, attempt, error)
+            raise error from None
+        except GenesisError as exc:
+            self._give_up(request, attempt, rollback=attempt.changed)
+            exc.details = {**exc.details, **self._details(ids, attempt)}
+            self._record_failure(request, attempt, exc)
+            raise
+
+    def _experiment(self, request: ExperimentRequest, ctx: WorkContext, attempt: _Attempt,
+                    ids: dict[str, str]) -> dict[str, Any]:
+        workspace = attempt.workspace
+        self._sandboxes_dir_ready()
+        attempt.baseline_commit = workspace.create(request.repo, request.base_ref)
+        self.records.commits_recorded(request.experiment_id, baseline_commit=attempt.baseline_commit)
+        self.records.sandbox_event(request.experiment_id, str(workspace.path), "created",
+                                   size_bytes=workspace.size_bytes(), detail=f"{request.repo}@{request.base_ref}")
+
+        baseline = self._baseline_run(request, ctx, attempt)
+        self.records.run_recorded(request.experiment_id, baseline.record("baseline", attempt.baseline_commit))
+        workspace.restore(attempt.baseline_commit)
+
+        self._check_time(ctx, attempt)
+        attempt.changed = True
+        if request.changes.patch is not None:
+            workspace.apply_patch(request.changes.patch)
+        else:
+            workspace.apply_files((f.path, f.content) for f in request.changes.files or [])
+        change_commit = workspace.commit(f"experiment {request.experiment_id}: {request.experiment_type}\n\n"
+                                         f"{request.description}".strip())
+        self.records.commits_recorded(request.experiment_id, change_commit=change_commit)
+
+        change = self._test_run(request, ctx, attempt)
+        self.records.run_recorded(request.experiment_id, change.record("change", change_commit))
+        workspace.restore(change_commit)
+
+        metrics = measure(baseline, change, (self.monotonic() - attempt.started) * 1000.0)
+        decision = decide(metrics, risk_level=request.risk_level, threshold=self.settings.regression_threshold,
+                          measured=change.measured or not baseline.measured)
+        if decision.rollback:
+            workspace.git("update-ref", f"refs/genesis/rolled-back/{workspace.branch}", change_commit)
+            workspace.rollback(attempt.baseline_commit)
+            attempt.rolled_back = True
+            self.records.sandbox_event(request.experiment_id, str(workspace.path), "rolled_back",
+                                       size_bytes=workspace.size_bytes(), detail=decision.reason)
+        if decision.status != "success":
+            self.records.sandbox_event(request.experiment_id, str(workspace.path), "preserved",
+                                       size_bytes=workspace.size_bytes(), detail=decision.reason)
+        result = {
+            **ids,
+            "status": decision.status,
+            "metrics": metrics.as_json(),
+            "recommendation": decision.recommendation,
+            "rolled_back": attempt.rolled_back,
+            "baseline_commit": attempt.baseline_commit,
+            "sandbox_path": str(workspace.path),
+        }
+        self.records.experiment_finished(request.experiment_id, result)
+        log.info("experiment %s: %s, %s (%s)", request.experiment_id, decision.status, decision.recommendation,
+                 decision.reason)
+        return result
+
+    # -- failure paths -------------------------------------------------------------------------
+
+    @staticmethod
+    def _details(ids: dict[str, str], attempt: _Attempt) -> dict[str, Any]:
+        return {**ids, "rolled_back": attempt.rolled_back, "baseline_commit": attempt.baseline_commit,
+                "sandbox_path": str(attempt.workspace.path)}
+
+    def _give_up(self, request: ExperimentRequest, attempt: _Attempt, *, rollback: bool) -> None:
+        """Put the copy back to its baseline (if it got that far) and keep it for analysis."""
+        workspace = attempt.workspace
+        if rollback and attempt.baseline_commit is not None and workspace.path.exists():
+            try:
+                workspace.rollback(attempt.baseline_commit)
+                attempt.rolled_back = True
+                self.records.sandbox_event(request.experiment_id, str(workspace.path), "rolled_back",
+                                           size_bytes=workspace.size_bytes(), detail="experiment failed")
+            except GenesisError as exc:
+                log.error("experiment %s: rollback failed: %s", request.experiment_id, exc)
+        if workspace.path.exists():
+            self.records.sandbox_event(request.experiment_id, str(workspace.path), "preserved",
+                                       size_bytes=tree_size(workspace.path, workspace.git_dir),
+                                       detail="experiment failed")
+
+    def _record_failure(self, request: ExperimentRequest, attempt: _Attempt, error: GenesisError) -> None:
+        self.records.experiment_failed(
+            request.experiment_id, {"code": error.code, "message": error.message, "details": error.details},
+            rolled_back=attempt.rolled_back, duration_ms=(self.monotonic() - attempt.started) * 1000.0)
+
+    # -- running the tests ---------------------------------------------------------------------
+
+    def _sandboxes_dir_ready(self) -> None:
+        """The sandbox's uid must be able to reach the copy (bwrap binds it as that uid)."""
+        sandboxes = self.settings.sandboxes_dir
+        sandboxes.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            return
+        if stat.S_IMODE(sandboxes.stat().st_mode) & 0o001 == 0:
+            sandboxes.chmod(stat.S_IMODE(sandboxes.stat().st_mode) | 0o711)
+        for folder in [sandboxes.resolve(), *sandboxes.resolve().parents]:
+            if stat.S_IMODE(folder.stat().st_mode) & 0o001 == 0:
+                raise SandboxUnavailable(
+                    f"the sandbox's unprivileged user cannot reach {sandboxes}: {folder} is not traversable "
+                    f"(chmod o+x {folder}, or point GENESIS_HOME somewhere else, e.g. /var/lib/genesis)",
+                    details={"sandboxes_dir": str(sandboxes), "blocking": str(folder)})
+
+    def _check_time(self, ctx: WorkContext, attempt: _Attempt) -> float:
+        if ctx.cancelled.is_set():
+            raise ExperimentTimedOut("cancelled")
+        left = attempt.deadline - self.monotonic()
+        if left <= 0:
+            raise ExperimentTimedOut(f"no time left after {self.monotonic() - attempt.started:.1f}s")
+        return left
+
+    def _baseline_run(self, request: ExperimentRequest, ctx: WorkContext, attempt: _Attempt) -> TestRun:
+        """Run the baseline with the risk level's selection; if that selects nothing, the whole suite
+        (and the change then runs the whole suite too)."""
+        selection = self.selection.get(request.risk_level, TestSelection())
+        attempt.selection = selection.pytest_args(attempt.workspace.path)
+        run = self._test_run(request, ctx, attempt)
+        if attempt.selection and run.result.returncode == NO_TESTS_COLLECTED and not run.test_count:
+            log.info("experiment %s: selection %s collected no test, running the whole suite",
+                     request.experiment_id, attempt.selection)
+            attempt.selection = []
+            attempt.workspace.restore(attempt.baseline_commit or "HEAD")
+            run = self._test_run(request, ctx, attempt)
+        return run
+
+    def command(self, request: ExperimentRequest, selection: Sequence[str]) -> tuple[list[str], bool]:
+        """The argv to run inside the sandbox, and whether it is pytest (so selection and the JUnit
+        report apply). `pytest ...` and `python ...` use the sandbox's interpreter."""
+        argv = list(request.test_command or ["pytest"])
+        if argv[0] in ("pytest", "py.test"):
+            argv = [self.python, "-m", "pytest", *argv[1:]]
+        elif argv[0] in ("python", "python3"):
+            argv = [self.python, *argv[1:]]
+        is_pytest = (len(argv) >= 3 and argv[1] == "-m" and argv[2] == "pytest") or \
+            os.path.basename(argv[0]) in ("pytest", "py.test")
+        if is_pytest:
+            argv += ["-q", "-p", "no:cacheprovider", f"--junitxml={SANDBOX_DIR}/{JUNIT_FILE}",
+                     "-o", "junit_logging=no", *selection]
+        return argv, is_pytest
+
+    def _test_run(self, request: ExperimentRequest, ctx: WorkContext, attempt: _Attempt) -> TestRun:
+        left = self._check_time(ctx, attempt)
+        workspace = attempt.workspace
+        argv, is_pytest = self.command(request, attempt.selection)
+        env = {"PYTHONDONTWRITEBYTECODE": "1", "GENESIS_JUNIT_XML": f"{SANDBOX_DIR}/{JUNIT_FILE}",
+               "CI": "true"}
+        if self.python_path:
+            env["PYTHONPATH"] = os.pathsep.join(str(p) for p in self.python_path)
+        limits = dataclasses.replace(self.limits, wall_s=min(self.limits.wall_s, left),
+                                     cpu_s=max(1, min(self.limits.cpu_s, math.ceil(left))))
+        report = workspace.path / JUNIT_FILE
+        report.unlink(missing_ok=True)
+        result = self.sandbox.run(argv, writable=workspace.path, env=env, ro_paths=self.python_path,
+                                  limits=limits, timeout_s=left, cancelled=ctx.cancelled)
+        if result.timed_out or result.cancelled:
+            raise ExperimentTimedOut(f"the test suite was still running after {result.duration_s:.1f}s"
+                                     if result.timed_out else "cancelled")
+        if result.returncode != 0 and result.stderr.startswith("bwrap:"):
+            raise SandboxUnavailable(f"the sandbox could not start the tests: {result.stderr.strip()[:500]}")
+        text = read_report(report)
+        outcomes: dict[str, Outcome] = {}
+        measured = False
+        if text is not None:
+            try:
+                outcomes, measured = parse_junit(text), True
+            except (ElementTree.ParseError, ValueError) as exc:
+                log.warning("experiment %s: unreadable JUnit report: %s", request.experiment_id, exc)
+        if not measured and result.returncode != NO_TESTS_COLLECTED:
+            # no per-test report: the command itself is the one test
+            outcomes = {" ".join(request.test_command or ["pytest"]): "passed" if result.returncode == 0 else "error"}
+            measured = result.returncode == 0 or not is_pytest
+        return TestRun(outcomes, argv, result, measured)
