@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError
 
+from genesis_pgflow import metrics
 from genesis_pgflow.app import App
 from genesis_pgflow.errors import ConfigurationError
 from genesis_pgflow.messages import QUEUES, REQUEST_QUEUES, all_queue_names, redact
@@ -104,8 +105,13 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
             stop = lambda signum, _frame: (log.info("signal %s: finishing in-flight work", signum), consumer.stop())
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
+            server = metrics.serve(consumer, settings.metrics_port) if settings.metrics_port is not None else None
             log.info("consuming %s with %d worker(s)", ",".join(settings.queues), settings.parallel)
-            consumer.run()
+            try:
+                consumer.run()
+            finally:
+                if server is not None:
+                    server.shutdown()
             log.info("stopped: %s", dict(consumer.stats.outcomes))
         finally:
             app.close()

@@ -12,11 +12,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import psycopg
-
 from genesis_pgflow.dispatcher import Dispatcher, Task
 from genesis_pgflow.handlers.base import WorkContext
 from genesis_pgflow.messages import Outcome, ReadMessage
+from genesis_pgflow.store.database import StoreError
 from genesis_pgflow.store.queue import QueueStore
 
 log = logging.getLogger(__name__)
@@ -231,7 +230,7 @@ class Consumer:
                 try:
                     fetched = self.run_once(wait_s=self.poll_wait_s())
                     failures = 0
-                except psycopg.Error as exc:  # the store already retried briefly; keep state, back off
+                except StoreError as exc:  # the store already retried briefly; keep state, back off
                     failures += 1
                     self.stats.store_errors += 1
                     delay = min(30.0, 0.5 * 2 ** min(failures, 6)) * (0.5 + self.rand() / 2)

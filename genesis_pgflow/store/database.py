@@ -16,6 +16,9 @@ from genesis_pgflow.errors import DatabaseUnavailable
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# What the store raises when the database fails it (after its own brief retries).
+StoreError = psycopg.Error
+
 # errors after which the same statement may well succeed on a fresh connection
 _TRANSIENT = (psycopg.OperationalError, psycopg.errors.SerializationFailure,
               psycopg.errors.DeadlockDetected, PoolTimeout)

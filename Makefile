@@ -1,0 +1,41 @@
+# genesis_pgflow: `make run` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys' 2>/dev/null && echo python3.12 || echo python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install system-deps run test test-unit bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed ## create .venv and install the project with its test tools
+
+system-deps: ## install the system packages the sandbox and analysers need (bubblewrap, elixir, node tools)
+	bash scripts/system-deps.sh
+
+run: install ## run the consumer (no DSN configured: the embedded PostgreSQL under GENESIS_HOME); ARGS="--drain" etc.
+	$(BIN)/genesis-consume $(ARGS)
+
+test: install system-deps ## run every test tier (unit, conformance, integration, acceptance)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: install ## only the tests that need no database and no sandbox
+	$(BIN)/pytest tests/unit -m "not db and not sandbox" $(PYTEST_ARGS)
+
+bench: install ## measure throughput: raw pgmq pipeline vs the consumer, in one run
+	$(BIN)/python -m benchmarks.throughput $(ARGS)
+
+lint: install ## the import layers contract
+	$(BIN)/lint-imports
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache *.egg-info
