@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from genesis_pgflow.dispatcher import Dispatcher, Task
 from genesis_pgflow.handlers.base import WorkContext
-from genesis_pgflow.messages import Outcome, ReadMessage
+from genesis_pgflow.messages import QUEUES, Outcome, ReadMessage
 from genesis_pgflow.store.database import StoreError
 from genesis_pgflow.store.queue import QueueStore
 
@@ -57,9 +57,13 @@ class WorkerPool:
 
 @dataclass(eq=False)
 class Job:
+    """A leased message on its way through a worker; its deadline starts when a worker starts it."""
+
     task: Task
     ctx: WorkContext
-    future: Future
+    future: Future | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -75,6 +79,11 @@ class ConsumerOptions:
     lease_s: int = 10
     drain: bool = False
     shutdown_grace_s: float = 30.0
+    # a finished outcome waits at most this long for others to share its transaction
+    flush_after_s: float = 0.005
+    # messages are leased ahead of a free worker only when, at the handlers' measured pace,
+    # they will start within this many seconds (so slow workflows are never hoarded)
+    prefetch_horizon_s: float = 0.5
 
 
 @dataclass
@@ -107,22 +116,40 @@ class Consumer:
         self.stats = Stats()
         self._rotation = 0
         self._next_renewal = monotonic() + options.lease_s / 3
+        self._pending_since = 0.0
+        self._listener: threading.Thread | None = None
+        self._pace: dict[str | None, float] = {}   # payload type -> moving average of handler seconds
 
     # --- the three steps ------------------------------------------------------------------
 
     def free_slots(self) -> int:
-        return self.options.parallel - len(self.running) - len(self.overrun)
+        """Workers neither running nor promised to a leased message."""
+        return max(0, self.options.parallel - len(self.running) - len(self.overrun))
+
+    def prefetch(self, queue: str) -> int:
+        """How many messages of a queue may wait for a worker: as many as will start within the
+        horizon at the pace its handler has shown, none before the pace is known."""
+        pace = self._pace.get(QUEUES[queue][0] if queue in QUEUES else None)
+        if pace is None:
+            return 0
+        return min(self.options.batch_size,
+                   int(self.options.parallel * self.options.prefetch_horizon_s / max(pace, 1e-6)))
+
+    def room(self, queue: str) -> int:
+        return self.options.parallel + self.prefetch(queue) - len(self.running) - len(self.overrun)
 
     def fetch(self) -> int:
-        """Lease at most as many messages as there are free slots, taking the queues in turn."""
+        """Lease no more than the workers can start soon, taking the queues in turn; read only
+        once there is room for a reasonable batch (or nothing is running)."""
         fetched = 0
         queues = self.options.queues
         for i in range(len(queues)):
-            free = self.free_slots()
-            if free <= 0:
-                break
             name = queues[(self._rotation + i) % len(queues)]
-            for message in self.store.read(name, min(free, self.options.batch_size), self.options.lease_s):
+            room = self.room(name)
+            worth_it = max(1, min(self.options.parallel + self.prefetch(name), self.options.batch_size) // 2)
+            if room <= 0 or (self.running and room < worth_it):
+                continue
+            for message in self.store.read(name, min(room, self.options.batch_size), self.options.lease_s):
                 self.start(message)
                 fetched += 1
         self._rotation = (self._rotation + 1) % len(queues)
@@ -133,10 +160,22 @@ class Consumer:
         if isinstance(prepared, Outcome):
             self._route(prepared)
             return
-        ctx = self.dispatcher.context(prepared, self.monotonic() + prepared.timeout_s)
+        ctx = self.dispatcher.context(prepared, float("inf"))
         ctx.monotonic = self.monotonic
-        job = Job(prepared, ctx, self.pool.submit(self.dispatcher.execute, prepared, ctx))
+        job = Job(prepared, ctx)
+        job.future = self.pool.submit(self._execute, job)
         self.running[job.key] = job
+
+    def _execute(self, job: Job) -> Outcome | None:
+        """In a worker thread: the deadline starts now; a job cancelled before it started does not run."""
+        if job.ctx.cancelled.is_set():
+            return None
+        job.started_at = self.monotonic()
+        job.ctx.deadline = job.started_at + job.task.timeout_s
+        try:
+            return self.dispatcher.execute(job.task, job.ctx)
+        finally:
+            job.finished_at = self.monotonic()
 
     def collect(self) -> None:
         """Take the outcomes of finished jobs; time out jobs past their deadline."""
@@ -144,8 +183,11 @@ class Consumer:
         for key, job in list(self.running.items()):
             if job.future.done():
                 del self.running[key]
+                self._learn_pace(job)
                 error = job.future.exception()
-                self._route(self.dispatcher.transient(job.task, error) if error else job.future.result())
+                outcome = self.dispatcher.transient(job.task, error) if error else job.future.result()
+                if outcome is not None:          # None: cancelled before it started, given back
+                    self._route(outcome)
             elif now >= job.ctx.deadline:
                 # Reported at once; the thread keeps its slot until it returns, and what it
                 # returns then is discarded.
@@ -154,6 +196,14 @@ class Consumer:
                 self.overrun.add(job)
                 self._route(self.dispatcher.timed_out(job.task))
         self.overrun = {job for job in self.overrun if not job.future.done()}
+
+    def _learn_pace(self, job: Job) -> None:
+        if job.started_at is None or job.finished_at is None:
+            return
+        kind = getattr(job.task.payload, "type", None)
+        seconds = job.finished_at - job.started_at
+        previous = self._pace.get(kind)
+        self._pace[kind] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
     def complete(self) -> None:
         """Write what collect gathered: final outcomes in one transaction, retries in another."""
@@ -186,6 +236,8 @@ class Consumer:
                 log.warning("message %s/%s left its queue while held here", queue_name, lost)
 
     def _route(self, outcome: Outcome) -> None:
+        if not self.finals and not self.retries:
+            self._pending_since = self.monotonic()
         (self.retries if outcome.kind == "retry" else self.finals).append(outcome)
 
     def _count(self, outcomes: Sequence[Outcome]) -> None:
@@ -196,19 +248,35 @@ class Consumer:
     # --- driving the loop -----------------------------------------------------------------
 
     def run_once(self, wait_s: float = 0.0) -> int:
-        """One iteration: fetch, wait up to wait_s for a job to finish, collect, complete, renew."""
-        fetched = 0 if self.stopping.is_set() else self.fetch()
-        if wait_s > 0 and (self.running or self.overrun) and not self.finals and not self.retries:
-            self.wakeup.wait(min(wait_s, self._until_next_deadline()))
+        """One iteration: fetch, wait up to wait_s for a job to finish, collect, complete, renew.
+
+        Batching without hoarding: fetch() reads only when a reasonable batch fits, and finished
+        outcomes linger up to flush_after_s so that several share one transaction."""
+        fetched = 0
+        if not self.stopping.is_set():
+            fetched = self.fetch()
+        # Clear before looking, so a job finishing after the look wakes the wait below.
         self.wakeup.clear()
         self.collect()
-        self.complete()
+        if wait_s > 0 and (self.running or self.overrun) and not self._flush_due():
+            self.wakeup.wait(min(wait_s, self._until_next_deadline()))
+            self.collect()
+        if self._flush_due():
+            self.complete()
         self.renew_leases()
         return fetched
+
+    def _flush_due(self) -> bool:
+        pending = len(self.finals) + len(self.retries)
+        return pending > 0 and (
+            not self.running or self.stopping.is_set() or pending >= self.options.batch_size
+            or self.monotonic() - self._pending_since >= self.options.flush_after_s)
 
     def _until_next_deadline(self) -> float:
         now = self.monotonic()
         deadlines = [job.ctx.deadline for job in self.running.values()] + [self._next_renewal]
+        if self.finals or self.retries:
+            deadlines.append(self._pending_since + self.options.flush_after_s)
         return max(0.0, min(deadlines) - now)
 
     def idle(self) -> bool:
@@ -219,8 +287,8 @@ class Consumer:
 
     def run(self) -> None:
         """Until stop() (or, with drain, until every queue is empty); then shut down cleanly."""
-        listener = threading.Thread(target=self._listen, name="genesis-listen", daemon=True)
-        listener.start()
+        self._listener = threading.Thread(target=self._listen, name="genesis-listen", daemon=True)
+        self._listener.start()
         scheduler = threading.Thread(target=self._run_periodic, name="genesis-periodic", daemon=True)
         if self.periodic:
             scheduler.start()
@@ -269,6 +337,8 @@ class Consumer:
             self.running.clear()
         finally:
             self.pool.stop()
+            if self._listener is not None:
+                self._listener.join(self.options.poll_interval_s + 5)
 
     def _listen(self) -> None:
         while not self.stopping.is_set():

@@ -20,23 +20,22 @@ SELECT msg_id, read_ct, enqueued_at, message, headers FROM leased ORDER BY msg_i
 SELECT archived AS msg_id FROM pgmq.archive(%(queue)s, %(msg_ids)s::bigint[]) AS archived
 
 -- name: send_batch
--- Send several JSON messages to one queue.
-SELECT msg_id FROM pgmq.send_batch(%(queue)s, %(messages)s::jsonb[]) AS msg_id
+-- Send the elements of a JSON array as messages to one queue.
+SELECT msg_id FROM pgmq.send_batch(%(queue)s, ARRAY(SELECT jsonb_array_elements(%(messages)s::jsonb))) AS msg_id
 
 -- name: send_one
 -- Send one JSON message to a queue (genesis send, dead-letter requeue).
 SELECT pgmq.send(%(queue)s, %(message)s::jsonb) AS msg_id
 
 -- name: record_final_runs
--- Record the final outcome of several runs of one queue.
+-- Record the final outcome of several runs of one queue, given as a JSON array of run objects.
 INSERT INTO genesis.workflow_runs AS r (queue, msg_id, workflow_id, type, status, attempts, enqueued_at, started_at,
                                         finished_at, updated_at, consumer, error, result)
 SELECT %(queue)s, o.msg_id, o.workflow_id, o.type, o.status, o.attempts, o.enqueued_at, o.started_at,
        o.finished_at, now(), %(consumer)s, o.error, o.result
-FROM unnest(%(msg_ids)s::bigint[], %(workflow_ids)s::uuid[], %(types)s::text[], %(statuses)s::text[],
-            %(attempts)s::int[], %(enqueued)s::timestamptz[], %(started)s::timestamptz[],
-            %(finished)s::timestamptz[], %(errors)s::jsonb[], %(results)s::jsonb[])
-     AS o(msg_id, workflow_id, type, status, attempts, enqueued_at, started_at, finished_at, error, result)
+FROM jsonb_to_recordset(%(runs)s::jsonb)
+     AS o(msg_id bigint, workflow_id uuid, type text, status text, attempts int, enqueued_at timestamptz,
+          started_at timestamptz, finished_at timestamptz, error jsonb, result jsonb)
 ON CONFLICT (queue, msg_id) DO UPDATE
     SET workflow_id = EXCLUDED.workflow_id, type = EXCLUDED.type, status = EXCLUDED.status,
         attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
