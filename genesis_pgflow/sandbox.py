@@ -2,14 +2,16 @@
 
 A command runs as
 
-    setpriv (an unprivileged uid of its own, no new privileges, no capabilities)
-      -> prlimit (CPU time, memory, processes, file size, open files)
-        -> bwrap (new user, pid, network, ipc, uts and mount namespaces; --die-with-parent)
+    prlimit (CPU time, memory, processes, file size, open files)
+      -> bwrap (new pid, network, ipc, uts and mount namespaces; --die-with-parent; --as-pid-1)
+        -> setpriv (an unprivileged uid of its own, no new privileges, no capabilities left)
           -> the command
 
 each one exec()ing the next, so the whole chain is one process of ours, started in its own
-process group. Inside the sandbox the command sees only a read-only /usr (with the /bin, /lib,
-/lib64 and /sbin links), /proc, a minimal /dev, any extra read-only paths it is given, and
+process group. (bwrap runs as root and needs no user namespace, so the host paths it binds need
+not be reachable by the sandbox's uid; without root, bwrap makes a user namespace instead and
+setpriv is skipped.) Inside the sandbox the command sees only a read-only /usr (with the /bin,
+/lib, /lib64 and /sbin links), /proc, a minimal /dev, any extra read-only paths it is given, and
 `/sandbox`, its working directory and the only writable place:
 
 - by default a fresh tmpfs of `Limits.tmpfs_bytes`, into which `files` are copied; it vanishes
@@ -46,10 +48,11 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 from genesis_pgflow.errors import SandboxUnavailable
 
@@ -88,11 +91,13 @@ class SandboxResult:
 
 def run_bounded(argv: Sequence[str], *, timeout_s: float, cancelled: threading.Event | None = None,
                 cwd: Path | None = None, env: dict[str, str] | None = None, stdin: bytes | None = None,
-                output_bytes: int = 8 * 2**20, pass_fds: Sequence[int] = ()) -> SandboxResult:
+                output_bytes: int = 8 * 2**20, pass_fds: Sequence[int] = (),
+                stop: Callable[[int], None] | None = None) -> SandboxResult:
     """Run argv in its own process group; kill the whole group on timeout, on cancellation and
-    after it exits. Output beyond output_bytes per stream is dropped."""
+    after it exits. Output beyond output_bytes per stream is dropped. `stop(pid)`, if given, is
+    called first, so that the process can reap what it started before the group is killed."""
     started = time.monotonic()
-    proc = subprocess.Popen(  # noqa: S603 - argv is built by our own code, never by a shell
+    proc = subprocess.Popen(
         list(argv), cwd=cwd, env=env, start_new_session=True, pass_fds=tuple(pass_fds),
         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -115,6 +120,12 @@ def run_bounded(argv: Sequence[str], *, timeout_s: float, cancelled: threading.E
                 timed_out = True
                 break
     finally:
+        if stop is not None and proc.poll() is None:
+            stop(proc.pid)
+            try:
+                proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
         _kill_group(proc.pid)
         proc.wait()
         for reader in readers:
@@ -192,9 +203,12 @@ class Sandbox:
             fds: list[int] = []
             mounts = self._mounts(files or {}, writable, uid, list(ro_paths), limits.tmpfs_bytes, fds, stack)
             command = self._command(argv, uid, limits, mounts, cwd, env or {})
+            # kill the command (pid 1 of the sandbox: the kernel then kills everything in it) but
+            # not bwrap, so that bwrap reaps it and no zombie is left to the host's init
+            stop = (lambda bwrap_pid: _kill_uid(uid, spare=bwrap_pid)) if self.as_root else None
             try:
                 return run_bounded(command, timeout_s=wall_s, cancelled=cancelled, pass_fds=fds,
-                                   output_bytes=limits.output_bytes)
+                                   output_bytes=limits.output_bytes, stop=stop)
             finally:
                 if self.as_root:
                     _kill_uid(uid)
@@ -203,27 +217,35 @@ class Sandbox:
 
     def _command(self, argv: Sequence[str], uid: int, limits: Limits, mounts: list[str], cwd: str,
                  env: dict[str, str]) -> list[str]:
-        prefix: list[str] = []
-        if self.as_root:
-            prefix = [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                      "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"]
-        prefix += [self.prlimit, f"--cpu={limits.cpu_s}", f"--data={limits.memory_bytes}",
-                   f"--nproc={limits.processes}", f"--fsize={limits.file_bytes}",
-                   f"--nofile={limits.open_files}", "--core=0", "--"]
         workdir = PurePosixPath(SANDBOX_DIR) / cwd
         if ".." in workdir.parts:
             raise ValueError(f"cwd {cwd!r} leaves the sandbox directory")
-        variables = {"HOME": SANDBOX_DIR, "TMPDIR": SANDBOX_DIR, "PATH": "/usr/local/bin:/usr/bin:/bin",
-                     "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **env}
-        command = prefix + [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session",
-                            "--clearenv", "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
+        command = [self.prlimit, f"--cpu={limits.cpu_s}", f"--data={limits.memory_bytes}",
+                   f"--nproc={limits.processes}", f"--fsize={limits.file_bytes}",
+                   f"--nofile={limits.open_files}", "--core=0", "--", self.bwrap]
+        if self.as_root:
+            # bwrap as root needs no user namespace (so host paths it binds need not be reachable
+            # by the sandbox's uid); setpriv, inside, drops to that uid and every capability
+            command += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+                        "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+                        "--cap-add", "CAP_SETPCAP"]
+            inner = [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+                     "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+        else:
+            command += ["--unshare-all", "--cap-drop", "ALL"]
+            inner = list(argv)
+        # --as-pid-1: bwrap's own init would report the exit status and let bwrap exit before
+        # reaping it, leaving a zombie to the host's init
+        command += ["--as-pid-1", "--die-with-parent", "--new-session", "--clearenv", "--ro-bind", "/usr", "/usr"]
         for link, target in _SYSTEM_LINKS.items():
             if Path(link).exists():
                 command += ["--symlink", target, link]
         command += ["--proc", "/proc", "--dev", "/dev", *mounts, "--chdir", str(workdir)]
+        variables = {"HOME": SANDBOX_DIR, "TMPDIR": SANDBOX_DIR, "PATH": "/usr/local/bin:/usr/bin:/bin",
+                     "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **env}
         for name, value in variables.items():
             command += ["--setenv", name, value]
-        return command + ["--remount-ro", "/", "--", *argv]
+        return command + ["--remount-ro", "/", "--", *inner]
 
     def _mounts(self, files: dict[str, str | bytes], writable: Path | None, uid: int, ro_paths: list[Path],
                 tmpfs_bytes: int, fds: list[int], stack: ExitStack) -> list[str]:
@@ -241,7 +263,7 @@ class Sandbox:
             if self.as_root:
                 _chown_tree(writable, uid)
             return mounts + ["--bind", str(writable), SANDBOX_DIR]
-        mounts += ["--perms", "0700", "--size", str(tmpfs_bytes), "--tmpfs", SANDBOX_DIR]
+        mounts += ["--perms", "0777" if self.as_root else "0700", "--size", str(tmpfs_bytes), "--tmpfs", SANDBOX_DIR]
         made: set[str] = set()
         for name, content in sorted(files.items()):
             relative = PurePosixPath(name)
@@ -252,7 +274,7 @@ class Sandbox:
                     made.add(str(parent))
                     mounts += ["--dir", f"{SANDBOX_DIR}/{parent}"]
             # an unnamed temporary file: bwrap copies it into the tmpfs; nothing stays on disk
-            handle = stack.enter_context(tempfile.TemporaryFile())
+            handle = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 - closed by stack
             handle.write(content.encode("utf-8") if isinstance(content, str) else content)
             handle.flush()
             handle.seek(0)
@@ -367,10 +389,10 @@ def _uid_processes(uid: int) -> list[int]:
     return pids
 
 
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every process running as uid until none is left (the uid is ours alone)."""
-    for _ in range(50):
-        pids = _uid_processes(uid)
+def _kill_uid(uid: int, spare: int | None = None) -> None:
+    """SIGKILL every process running as uid (but spare) until none is left: the uid is ours alone."""
+    for _ in range(100):
+        pids = [pid for pid in _uid_processes(uid) if pid != spare]
         if not pids:
             return
         for pid in pids:

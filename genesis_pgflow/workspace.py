@@ -38,9 +38,9 @@ import re
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
 
 from genesis_pgflow.errors import PermanentError
 
@@ -79,7 +79,7 @@ HARDENED_CONFIG = (
 # config sections that make git run a program; a clone has none, and none may appear
 _EXECUTABLE_CONFIG = re.compile(
     r"^(filter\..*|diff\..*\.(textconv|command)|merge\..*\.driver|core\.(fsmonitor|hookspath|sshcommand|"
-    r"gitproxy|editor|pager|askpass)|uploadpack\.packobjectshook|include(if)?\..*)$", re.I)
+    r"gitproxy|editor|pager|askpass)|uploadpack\.packobjectshook|include(if)?\..*)$", re.IGNORECASE)
 
 
 class RepositoryUnavailable(PermanentError):
@@ -155,7 +155,8 @@ def git_environment(ceiling: Path | None = None) -> dict[str, str]:
 
 def git(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = None,
         work_tree: Path | None = None, input: str | None = None, check: bool = True,
-        timeout_s: float = GIT_TIMEOUT_S, error: type[PermanentError] = GitFailed) -> subprocess.CompletedProcess[str]:
+        timeout_s: float = GIT_TIMEOUT_S, error: type[PermanentError] = GitFailed,
+        extra_config: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     """Run one hardened git command; raise `error` (with git's message) when it fails."""
     env = git_environment(ceiling=cwd.resolve().parent if cwd is not None and git_dir is None else None)
     if git_dir is not None:
@@ -163,11 +164,11 @@ def git(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = 
     if work_tree is not None:
         env["GIT_WORK_TREE"] = str(work_tree)
     argv = [GIT]
-    for option in HARDENED_CONFIG:
+    for option in (*HARDENED_CONFIG, *extra_config):
         argv += ["-c", option]
     argv += list(args)
     try:
-        done = subprocess.run(  # noqa: S603 - argv is ours; no shell
+        done = subprocess.run(
             argv, cwd=cwd, env=env, input=input, capture_output=True, text=True, timeout=timeout_s,
             start_new_session=True, check=False)
     except subprocess.TimeoutExpired:
@@ -181,6 +182,24 @@ def git(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = 
     return done
 
 
+def source_git(repo: Path, args: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """git in the original (untrusted) repository, with every filter and textconv driver its
+    config defines switched off: command-line config beats the repository's, and an empty
+    command means no filter."""
+    listed = git(["config", "--name-only", "--get-regexp", r"^(filter|diff)\..*\.(clean|smudge|process|textconv|command)$"],
+                 cwd=repo, check=False).stdout.split()
+    overrides: list[str] = []
+    for key in dict.fromkeys(listed):
+        section, _, rest = key.partition(".")
+        name = rest.rpartition(".")[0]
+        if section.lower() == "filter":
+            overrides += [f"filter.{name}.clean=", f"filter.{name}.smudge=", f"filter.{name}.process=",
+                          f"filter.{name}.required=false"]
+        else:
+            overrides += [f"diff.{name}.textconv=", f"diff.{name}.command="]
+    return git(args, cwd=repo, extra_config=overrides, **kwargs)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class RepoState:
     """What 'untouched' means for a repository: its HEAD, its status and its tree."""
@@ -192,9 +211,9 @@ class RepoState:
 
 def repo_state(repo: Path) -> RepoState:
     """HEAD, porcelain status and HEAD's tree of a repository (read-only: no index refresh)."""
-    head = git(["rev-parse", "HEAD"], cwd=repo).stdout.strip()
-    status = git(["status", "--porcelain=v1", "--ignored", "-uall"], cwd=repo).stdout
-    tree = git(["rev-parse", "HEAD^{tree}"], cwd=repo).stdout.strip()
+    head = source_git(repo, ["rev-parse", "HEAD"]).stdout.strip()
+    status = source_git(repo, ["status", "--porcelain=v1", "--ignored", "-uall"]).stdout
+    tree = source_git(repo, ["rev-parse", "HEAD^{tree}"]).stdout.strip()
     return RepoState(head, status, tree)
 
 
@@ -286,11 +305,11 @@ class Workspace:
         if not source.is_dir():
             raise RepositoryUnavailable(f"repository {repo} is not a directory this consumer can read",
                                         details={"repo": str(repo)})
-        found = git(["rev-parse", "--git-dir"], cwd=source, check=False)
+        found = source_git(source, ["rev-parse", "--git-dir"], check=False)
         if found.returncode != 0:
             raise RepositoryUnavailable(f"{repo} is not a git repository", details={"repo": str(repo)})
-        resolved = git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{base_ref}^{{commit}}"],
-                       cwd=source, check=False)
+        resolved = source_git(source, ["rev-parse", "--verify", "--quiet", "--end-of-options",
+                                       f"{base_ref}^{{commit}}"], check=False)
         baseline = resolved.stdout.strip()
         if resolved.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40,64}", baseline):
             raise BaseRefNotFound(f"base_ref {base_ref!r} is not a commit of {repo}",
@@ -327,9 +346,22 @@ class Workspace:
             remove_tree(pointer)
         pointer.write_text(f"gitdir: {self.git_dir}\n", encoding="utf-8")
 
+    def _reclaim(self) -> None:
+        """Take back what a test run owned: the sandbox hands the tree to its own uid, and git (and
+        a person looking at the copy) wants it to belong to us again."""
+        me = os.geteuid()
+        if me != 0:
+            return
+        for directory, dirnames, filenames in os.walk(self.path):
+            for name in [*dirnames, *filenames, None]:
+                path = directory if name is None else os.path.join(directory, name)
+                if os.lstat(path).st_uid != me:
+                    os.lchown(path, me, os.getegid())
+
     def restore(self, commit: str = "HEAD") -> None:
         """Bring the working tree back to exactly `commit` (the branch moves there): whatever a test
         run wrote, deleted or replaced (symlinks included) is undone."""
+        self._reclaim()
         self._rewrite_git_file()
         self.strip_executable_config()
         self.git("reset", "--quiet", "--hard", commit)
@@ -382,24 +414,32 @@ class Workspace:
         self.check_symlinks()
         return [path for path, _content, _target in changes]
 
-    def apply_patch(self, patch: str) -> None:
-        """Apply a unified diff after `git apply --check` accepted it (-p1, else -p0)."""
-        if not patch.endswith("\n"):
-            patch += "\n"
+    def check_files(self, paths: Iterable[str]) -> None:
+        """Refuse, before anything is run or written, a path that leaves the sandbox."""
+        for path in paths:
+            self._target(path)
+
+    def check_patch(self, patch: str) -> str:
+        """`git apply --check` (-p1, else -p0) against the working tree; return the -p option that
+        applies, or raise PatchDoesNotApply / PathEscapesSandbox."""
         attempts = []
         for strip in ("-p1", "-p0"):
-            checked = self.git("apply", "--check", strip, "-", input=patch, check=False)
+            checked = self.git("apply", "--check", strip, "-", input=_terminated(patch), check=False)
             if checked.returncode == 0:
-                self.git("apply", strip, "-", input=patch, error=PatchDoesNotApply)
-                self.check_symlinks()
-                return
+                return strip
             attempts.append(checked.stderr.strip())
         message = attempts[0] or "git apply --check refused the patch"
-        if re.search(r"invalid path|beyond a symbolic link|outside repository|is in the way", message):
+        if re.search(r"invalid path|beyond a symbolic link|outside repository", message):
             raise PathEscapesSandbox(f"the patch touches a path outside the sandbox: {message.splitlines()[0]}",
                                      details={"git_apply": message[-2000:]})
         raise PatchDoesNotApply(f"the patch does not apply to the base commit: {message.splitlines()[0]}",
                                 details={"git_apply": message[-2000:]})
+
+    def apply_patch(self, patch: str) -> None:
+        """Apply a unified diff once `git apply --check` has accepted it."""
+        strip = self.check_patch(patch)
+        self.git("apply", strip, "-", input=_terminated(patch), error=PatchDoesNotApply)
+        self.check_symlinks()
 
     def commit(self, message: str) -> str:
         """Commit the working tree on the experiment branch; return the commit (hooks never run)."""
@@ -429,9 +469,13 @@ class Workspace:
         remove_tree(self.git_dir)
 
 
+def _terminated(patch: str) -> str:
+    return patch if patch.endswith("\n") else patch + "\n"
+
+
 def branch_name(experiment_id: str) -> str:
     """`experiment/<id>`, or `experiment/<hash of id>` for an id git refuses in a ref name."""
     name = f"experiment/{experiment_id}"
     if ".." in experiment_id or experiment_id.endswith((".lock", ".")) or "@{" in experiment_id:
-        return f"experiment/{hashlib.sha1(experiment_id.encode()).hexdigest()[:16]}"  # noqa: S324 - a name, not security
+        return f"experiment/{hashlib.sha1(experiment_id.encode()).hexdigest()[:16]}"
     return name

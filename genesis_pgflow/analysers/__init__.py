@@ -12,9 +12,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from genesis_pgflow.errors import WorkflowTimeout
 from genesis_pgflow.sandbox import Limits, Sandbox, SandboxResult, run_bounded
@@ -137,7 +137,7 @@ class Toolchain:
     deadline: float = field(default_factory=lambda: time.monotonic() + 30.0)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def bounded(self, deadline: float, cancelled: threading.Event) -> "Toolchain":
+    def bounded(self, deadline: float, cancelled: threading.Event) -> Toolchain:
         """The same toolchain, bounded by a run's deadline and cancel event."""
         return replace(self, deadline=deadline, cancelled=cancelled)
 

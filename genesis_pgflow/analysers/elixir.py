@@ -13,7 +13,15 @@ import re
 from pathlib import Path
 
 from genesis_pgflow.analysers import (
-    Analyser, Analysis, Function, Issue, TestCounts, Toolchain, issues_score, quality_analysis, testing_analysis,
+    Analyser,
+    Analysis,
+    Function,
+    Issue,
+    TestCounts,
+    Toolchain,
+    issues_score,
+    quality_analysis,
+    testing_analysis,
 )
 from genesis_pgflow.errors import SandboxUnavailable
 
@@ -226,10 +234,10 @@ Code.require_file("code.exs")
 %{total: total, failures: failures, skipped: skipped, excluded: excluded} = ExUnit.run()
 IO.puts("GENESIS_EXUNIT total=#{total} failures=#{failures} skipped=#{skipped} excluded=#{excluded}")
 """
-_SUMMARY = re.compile(r"^GENESIS_EXUNIT total=(\d+) failures=(\d+) skipped=(\d+) excluded=(\d+)$", re.M)
-_FAILURE = re.compile(r"^\s+\d+\) (test .+?) \((.+?)\)\n\s+code\.exs:(\d+)", re.M)
-_WARNING = re.compile(r"^warning: (.+?)\n\s+code\.ex:(\d+)", re.M | re.S)
-_COMPILE_ERROR = re.compile(r"^\*\* \((\w+Error)\) code\.ex:(\d+):(?:\d+:)? (.+)$", re.M)
+_SUMMARY = re.compile(r"^GENESIS_EXUNIT total=(\d+) failures=(\d+) skipped=(\d+) excluded=(\d+)$", re.MULTILINE)
+_FAILURE = re.compile(r"^\s+\d+\) (test .+?) \((.+?)\)\n\s+code\.exs:(\d+)", re.MULTILINE)
+_WARNING = re.compile(r"^warning: (.+?)\n\s+code\.ex:(\d+)", re.MULTILINE | re.DOTALL)
+_COMPILE_ERROR = re.compile(r"^\*\* \((\w+Error)\) code\.ex:(\d+):(?:\d+:)? (.+)$", re.MULTILINE)
 
 
 def _static(code: str, mode: str, tools: Toolchain) -> tuple[list[Function], list[Issue]]:

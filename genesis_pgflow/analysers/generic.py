@@ -7,7 +7,14 @@ from functools import partial
 
 import lizard_languages
 
-from genesis_pgflow.analysers import Analyser, Analysis, Function, Toolchain, normalise, quality_analysis
+from genesis_pgflow.analysers import (
+    Analyser,
+    Analysis,
+    Function,
+    Toolchain,
+    normalise,
+    quality_analysis,
+)
 
 # run in a subprocess: lizard only tokenises the code, read from stdin
 _LIZARD = """

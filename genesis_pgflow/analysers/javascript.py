@@ -14,7 +14,14 @@ from functools import partial
 from pathlib import Path
 
 from genesis_pgflow.analysers import (
-    Analyser, Analysis, Issue, TestCounts, Toolchain, issues_score, line_of, testing_analysis,
+    Analyser,
+    Analysis,
+    Issue,
+    TestCounts,
+    Toolchain,
+    issues_score,
+    line_of,
+    testing_analysis,
 )
 from genesis_pgflow.analysers.generic import lizard_quality
 
@@ -102,8 +109,8 @@ process.stdout.write(JSON.stringify(issues));
 """
 _EXTENSIONS = {"javascript": "js", "typescript": "ts"}
 _BIOME_SEVERITY = {"fatal": "error", "error": "error", "warning": "warning", "information": "info", "hint": "info"}
-_TAP_COUNT = re.compile(r"^# (pass|fail|cancelled|todo|skipped) (\d+)$", re.M)
-_TAP_FAILED = re.compile(r"^\s*not ok \d+ - (.+)$(?:\n(?!\s*(?:not )?ok ).*)*?\n\s+location: '[^']*?:(\d+):\d+'", re.M)
+_TAP_COUNT = re.compile(r"^# (pass|fail|cancelled|todo|skipped) (\d+)$", re.MULTILINE)
+_TAP_FAILED = re.compile(r"^\s*not ok \d+ - (.+)$(?:\n(?!\s*(?:not )?ok ).*)*?\n\s+location: '[^']*?:(\d+):\d+'", re.MULTILINE)
 
 
 def _biome(tools: Toolchain) -> Path:

@@ -6,8 +6,17 @@ import json
 import re
 
 from genesis_pgflow.analysers import (
-    Analyser, Analysis, Function, Issue, TestCounts, Toolchain, clamp_score, complexity_score, issues_score,
-    quality_analysis, testing_analysis,
+    Analyser,
+    Analysis,
+    Function,
+    Issue,
+    TestCounts,
+    Toolchain,
+    clamp_score,
+    complexity_score,
+    issues_score,
+    quality_analysis,
+    testing_analysis,
 )
 
 # run in a subprocess: radon parses the code with ast and never runs it
@@ -35,7 +44,7 @@ RUFF_RULES = "E4,E7,E9,F,W,B,SIM,I"
 _RUFF_ERRORS = re.compile(r"^(E9|F8[0-9][0-9]|F63|F7|invalid-syntax)")
 _BANDIT_SEVERITY = {"HIGH": "error", "MEDIUM": "warning", "LOW": "info"}
 _PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|errors?|xpassed|xfailed)\b")
-_PYTEST_FAILED = re.compile(r"^(FAILED|ERROR) \S*?::(\S+)(?: - (.*))?$", re.M)
+_PYTEST_FAILED = re.compile(r"^(FAILED|ERROR) \S*?::(\S+)(?: - (.*))?$", re.MULTILINE)
 
 
 def quality(code: str, tools: Toolchain) -> Analysis:
@@ -105,7 +114,7 @@ def testing(code: str, tools: Toolchain) -> Analysis:
 
 def _def_line(code: str, test_name: str) -> int | None:
     function = re.escape(test_name.split("::")[-1].split("[")[0])
-    match = re.search(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{function}\b", code, re.M)
+    match = re.search(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{function}\b", code, re.MULTILINE)
     return code.count("\n", 0, match.start()) + 1 if match else None
 
 

@@ -27,17 +27,28 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 from xml.etree import ElementTree
 
-from genesis_pgflow.errors import GenesisError, PermanentError, SandboxUnavailable, WorkflowTimeout
+from genesis_pgflow.errors import (
+    GenesisError,
+    PermanentError,
+    SandboxUnavailable,
+    WorkflowTimeout,
+)
 from genesis_pgflow.handlers.base import WorkContext
 from genesis_pgflow.messages import ExperimentRequest
 from genesis_pgflow.sandbox import SANDBOX_DIR, Limits, Sandbox, SandboxResult
 from genesis_pgflow.settings import Settings
-from genesis_pgflow.store.experiments import ExperimentRecords, ExperimentStart, RunRecord
+from genesis_pgflow.store.experiments import (
+    ExperimentRecords,
+    ExperimentStart,
+    RunRecord,
+)
 from genesis_pgflow.workspace import Workspace, tree_size
 
 log = logging.getLogger(__name__)
@@ -62,6 +73,12 @@ class ExperimentUnmeasurable(PermanentError):
     """The test command could not be run in the sandbox at all."""
 
     code = "test_command_failed"
+
+
+class UnexpectedFailure(GenesisError):
+    """The experiment broke off on an unexpected error (recorded; the request is retried)."""
+
+    code = "internal_error"
 
 
 # --- which tests a risk level runs ----------------------------------------------------------
@@ -306,23 +323,44 @@ class ExperimentRunner:
     def __call__(self, payload: ExperimentRequest, ctx: WorkContext) -> dict[str, Any]:
         self.sandbox.check()  # SandboxUnavailable before anything is cloned
         started = self.monotonic()
-        deadline = started + min(self.timeout_s(payload), ctx.remaining())
-        self._take_slot(ctx, deadline)
-        try:
+        # finish (rolled back and recorded) a little before the consumer's own deadline, so that
+        # the timeout it reports is ours, with its details
+        left = ctx.remaining()
+        deadline = started + min(self.timeout_s(payload), left - min(2.0, 0.05 * left))
+        with ExitStack() as slots:
+            self._take_slots(payload, ctx, deadline, slots)
             with self._running_lock:
                 self._running += 1
                 self.peak_running = max(self.peak_running, self._running)
-            return self._run(payload, ctx, started, deadline)
-        finally:
-            with self._running_lock:
-                self._running -= 1
-            self.slots.release()
+            try:
+                return self._run(payload, ctx, started, deadline)
+            finally:
+                with self._running_lock:
+                    self._running -= 1
 
-    def _take_slot(self, ctx: WorkContext, deadline: float) -> None:
+    def _take_slots(self, request: ExperimentRequest, ctx: WorkContext, deadline: float, stack: ExitStack) -> None:
+        """One of max_experiments_concurrent slots in this process (a semaphore), then one shared
+        by every consumer of the database (advisory locks); wait for both until the deadline."""
+        limit = self.settings.max_experiments_concurrent
         while not self.slots.acquire(timeout=0.1):
-            if ctx.cancelled.is_set() or self.monotonic() >= deadline:
-                raise WorkflowTimeout("no experiment slot came free before the deadline "
-                                      f"(max_experiments_concurrent={self.settings.max_experiments_concurrent})")
+            self._slot_wait_over(request, ctx, deadline)
+        stack.callback(self.slots.release)
+        while True:
+            shared = self.records.experiment_slot(limit)
+            if shared.__enter__():
+                stack.push(shared)
+                return
+            shared.__exit__(None, None, None)
+            self._slot_wait_over(request, ctx, deadline)
+            ctx.cancelled.wait(0.5)
+
+    def _slot_wait_over(self, request: ExperimentRequest, ctx: WorkContext, deadline: float) -> None:
+        if ctx.cancelled.is_set() or self.monotonic() >= deadline:
+            raise WorkflowTimeout(
+                "no experiment slot came free before the deadline "
+                f"(max_experiments_concurrent={self.settings.max_experiments_concurrent})",
+                details={"experiment_id": request.experiment_id, "instance_id": request.instance_id,
+                         "rolled_back": False})
 
     def _run(self, request: ExperimentRequest, ctx: WorkContext, started: float, deadline: float) -> dict[str, Any]:
         ids = {"experiment_id": request.experiment_id, "instance_id": request.instance_id}
@@ -346,6 +384,16 @@ class ExperimentRunner:
             exc.details = {**exc.details, **self._details(ids, attempt)}
             self._record_failure(request, attempt, exc)
             raise
+        except Exception as exc:
+            # unexpected (a full disk, a lost database): retried through the queue; leave the copy
+            # at its baseline and say so in the records if they can still be reached
+            try:
+                self._give_up(request, attempt, rollback=attempt.changed)
+                self._record_failure(request, attempt, UnexpectedFailure(
+                    f"{type(exc).__name__}: {exc}", details=self._details(ids, attempt)))
+            except Exception:
+                log.exception("experiment %s: could not record its failure", request.experiment_id)
+            raise
 
     def _experiment(self, request: ExperimentRequest, ctx: WorkContext, attempt: _Attempt,
                     ids: dict[str, str]) -> dict[str, Any]:
@@ -355,6 +403,11 @@ class ExperimentRunner:
         self.records.commits_recorded(request.experiment_id, baseline_commit=attempt.baseline_commit)
         self.records.sandbox_event(request.experiment_id, str(workspace.path), "created",
                                    size_bytes=workspace.size_bytes(), detail=f"{request.repo}@{request.base_ref}")
+        # refuse a change that cannot apply before spending the baseline run on it
+        if request.changes.patch is not None:
+            workspace.check_patch(request.changes.patch)
+        else:
+            workspace.check_files(f.path for f in request.changes.files or [])
 
         baseline = self._baseline_run(request, ctx, attempt)
         self.records.run_recorded(request.experiment_id, baseline.record("baseline", attempt.baseline_commit))
@@ -457,7 +510,8 @@ class ExperimentRunner:
         """Run the baseline with the risk level's selection; if that selects nothing, the whole suite
         (and the change then runs the whole suite too)."""
         selection = self.selection.get(request.risk_level, TestSelection())
-        attempt.selection = selection.pytest_args(attempt.workspace.path)
+        # an explicit test_command is run as given; the risk level picks tests for the default one
+        attempt.selection = selection.pytest_args(attempt.workspace.path) if request.test_command is None else []
         run = self._test_run(request, ctx, attempt)
         if attempt.selection and run.result.returncode == NO_TESTS_COLLECTED and not run.test_count:
             log.info("experiment %s: selection %s collected no test, running the whole suite",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from genesis_pgflow.errors import ConfigurationError
@@ -14,8 +15,11 @@ def embedded_dsn(home: Path) -> str:
     """Start (or reuse: it outlives this process) the server in <home>/pgdata and return a
     key/value DSN for it. pgserver answers on a unix socket only, and libraries that misread
     `?host=` URIs are happy with key/value DSNs."""
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     try:
-        import pgserver
+        with warnings.catch_warnings():   # platformdirs warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            import pgserver
     except ImportError as exc:  # pgserver ships wheels for CPython 3.9-3.12 on x86_64 only
         raise ConfigurationError(
             f"no database configured and the embedded default is unavailable ({exc}); "

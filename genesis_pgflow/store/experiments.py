@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -106,6 +107,10 @@ class ExperimentRecords(Protocol):
     def maintenance_lock(self, job: str) -> Any:
         """A context manager yielding True if this caller now holds the job's lock, False if another
         holder has it (never waits). Released on exit."""
+
+    def experiment_slot(self, limit: int) -> Any:
+        """A context manager yielding True if this caller now holds one of `limit` experiment slots
+        shared by every consumer of the database, False if all are taken (never waits)."""
 
 
 def with_metrics(row: dict[str, Any]) -> dict[str, Any]:
@@ -205,11 +210,28 @@ class PgExperimentRecords:
                 conn.autocommit = False
 
 
+    @contextmanager
+    def experiment_slot(self, limit: int) -> Iterator[bool]:
+        # A connection of its own, outside the pool, for as long as the experiment runs (up to
+        # experiment_timeout_ms): the pool stays free for the consumer, and the slot goes with
+        # the connection if this process dies.
+        with psycopg.connect(self.db.dsn, autocommit=True, connect_timeout=10) as conn:
+            for slot in range(limit):
+                if conn.execute(sql("experiment_slot_try_lock"), {"slot": slot}).fetchone()[0]:
+                    try:
+                        yield True
+                    finally:
+                        if not conn.closed:
+                            conn.execute(sql("experiment_slot_unlock"), {"slot": slot})
+                    return
+            yield False
+
+
 # --- in memory ------------------------------------------------------------------------------
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass
@@ -309,3 +331,16 @@ class MemoryExperimentRecords:
         finally:
             if locked:
                 lock.release()
+
+    @contextmanager
+    def experiment_slot(self, limit: int) -> Iterator[bool]:
+        with self._mutex:
+            slots = [self.locks.setdefault(f"experiment_slot:{slot}", threading.Lock()) for slot in range(limit)]
+        for lock in slots:
+            if lock.acquire(blocking=False):
+                try:
+                    yield True
+                finally:
+                    lock.release()
+                return
+        yield False
