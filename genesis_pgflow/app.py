@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from genesis_pgflow.consumer import Consumer, ConsumerOptions
 from genesis_pgflow.dispatcher import Dispatcher
 from genesis_pgflow.handlers.base import Handler
+from genesis_pgflow.handlers.jobs import JobExecutor
 from genesis_pgflow.handlers.llm_config import LlmConfigManager
 from genesis_pgflow.handlers.rules import RuleEngine
+from genesis_pgflow.sandbox import Sandbox
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store import schema
 from genesis_pgflow.store.database import Database, check_reachable
@@ -32,6 +34,7 @@ def build_handlers(settings: Settings, state: StateStore) -> dict[str, Handler]:
     handlers: list[Handler] = [
         RuleEngine(state, settings.min_rule_confidence),
         LlmConfigManager(state),
+        JobExecutor(Sandbox()),
     ]
     return {h.payload_type: h for h in handlers}
 
