@@ -65,8 +65,8 @@ class Dispatcher:
                                   details={"type": payload.type, **payload.identifiers()})  # type: ignore[attr-defined]
         except (InvalidPayload, UnknownType) as exc:
             return self._outcome(message, "failed", started, error=exc)
-        return Task(message, handler, payload, timeout_override(payload) or self.timeout_s,
-                    str(uuid.uuid4()), started)
+        timeout_s = timeout_override(payload) or getattr(handler, "default_timeout_s", None) or self.timeout_s
+        return Task(message, handler, payload, timeout_s, str(uuid.uuid4()), started)
 
     def context(self, task: Task, deadline: float) -> WorkContext:
         m = task.message

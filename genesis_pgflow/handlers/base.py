@@ -42,8 +42,9 @@ class Handler(Protocol):
     """One payload type's workflow.
 
     Return the result object (contract section 5); raise a PermanentError subclass for a
-    failure that will not go away, a RetryableError for one that may. `timeout_s` lets a
-    handler ask for a longer deadline than the consumer's default (e.g. from the payload).
+    failure that will not go away, a RetryableError for one that may. The deadline is the
+    payload's `timeout_ms` if it has one, else the handler's `default_timeout_s` attribute if it
+    has one (an experiment's hour), else the consumer's --timeout-ms.
     """
 
     payload_type: str

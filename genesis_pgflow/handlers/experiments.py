@@ -37,6 +37,7 @@ from xml.etree import ElementTree
 from genesis_pgflow.errors import (
     GenesisError,
     PermanentError,
+    RetryableError,
     SandboxUnavailable,
     WorkflowTimeout,
 )
@@ -70,9 +71,15 @@ EXPERIMENT_LIMITS = Limits(cpu_s=3600, memory_bytes=2 * 2**30, processes=256, fi
 
 
 class ExperimentUnmeasurable(PermanentError):
-    """The test command could not be run in the sandbox at all."""
+    """The test command could not run at the baseline: there is nothing to compare the change with."""
 
     code = "test_command_failed"
+
+
+class ExperimentSlotsBusy(RetryableError):
+    """Every experiment slot stayed taken until the deadline; the experiment did not start."""
+
+    code = "experiment_slots_busy"
 
 
 class UnexpectedFailure(GenesisError):
@@ -311,6 +318,7 @@ class ExperimentRunner:
         self.monotonic = monotonic
         self.slots = threading.BoundedSemaphore(settings.max_experiments_concurrent)
         self._running = 0
+        self._active: set[str] = set()
         self._running_lock = threading.Lock()
         self.peak_running = 0  # the most experiments seen running at once (for tests and metrics)
 
@@ -328,6 +336,7 @@ class ExperimentRunner:
         left = ctx.remaining()
         deadline = started + min(self.timeout_s(payload), left - min(2.0, 0.05 * left))
         with ExitStack() as slots:
+            self._claim(payload, slots)
             self._take_slots(payload, ctx, deadline, slots)
             with self._running_lock:
                 self._running += 1
@@ -337,6 +346,16 @@ class ExperimentRunner:
             finally:
                 with self._running_lock:
                     self._running -= 1
+
+    def _claim(self, request: ExperimentRequest, stack: ExitStack) -> None:
+        """One run per experiment_id at a time in this process: two would share one sandbox copy."""
+        with self._running_lock:
+            if request.experiment_id in self._active:
+                raise ExperimentSlotsBusy(f"experiment {request.experiment_id} is already running here",
+                                          details={"experiment_id": request.experiment_id,
+                                                   "instance_id": request.instance_id, "rolled_back": False})
+            self._active.add(request.experiment_id)
+        stack.callback(self._active.discard, request.experiment_id)
 
     def _take_slots(self, request: ExperimentRequest, ctx: WorkContext, deadline: float, stack: ExitStack) -> None:
         """One of max_experiments_concurrent slots in this process (a semaphore), then one shared
@@ -352,13 +371,13 @@ class ExperimentRunner:
                 return
             shared.__exit__(None, None, None)
             self._slot_wait_over(request, ctx, deadline)
-            ctx.cancelled.wait(0.5)
+            ctx.cancelled.wait(1.0)
 
     def _slot_wait_over(self, request: ExperimentRequest, ctx: WorkContext, deadline: float) -> None:
         if ctx.cancelled.is_set() or self.monotonic() >= deadline:
-            raise WorkflowTimeout(
+            raise ExperimentSlotsBusy(
                 "no experiment slot came free before the deadline "
-                f"(max_experiments_concurrent={self.settings.max_experiments_concurrent})",
+                f"(max_experiments_concurrent={self.settings.max_experiments_concurrent}); nothing was run",
                 details={"experiment_id": request.experiment_id, "instance_id": request.instance_id,
                          "rolled_back": False})
 
@@ -411,6 +430,12 @@ class ExperimentRunner:
 
         baseline = self._baseline_run(request, ctx, attempt)
         self.records.run_recorded(request.experiment_id, baseline.record("baseline", attempt.baseline_commit))
+        if not baseline.measured:
+            output = (baseline.result.stderr or baseline.result.stdout).strip()[-1500:]
+            raise ExperimentUnmeasurable(
+                f"the test command could not run at the baseline (exit status {baseline.result.returncode}, "
+                f"no test report): {output.splitlines()[-1] if output else 'no output'}",
+                details={"command": baseline.command, "returncode": baseline.result.returncode, "output": output})
         workspace.restore(attempt.baseline_commit)
 
         self._check_time(ctx, attempt)
@@ -429,7 +454,7 @@ class ExperimentRunner:
 
         metrics = measure(baseline, change, (self.monotonic() - attempt.started) * 1000.0)
         decision = decide(metrics, risk_level=request.risk_level, threshold=self.settings.regression_threshold,
-                          measured=change.measured or not baseline.measured)
+                          measured=change.measured)
         if decision.rollback:
             workspace.git("update-ref", f"refs/genesis/rolled-back/{workspace.branch}", change_commit)
             workspace.rollback(attempt.baseline_commit)
