@@ -278,3 +278,20 @@ def test_metrics_endpoint_serves_the_counters(store, clock):
     assert 'genesis_outcomes_total{kind="completed"} 1' in body
     assert 'genesis_results_total{type="(none)",status="failed"} 1' in body
     assert "genesis_free_slots 2" in body
+
+
+def test_a_handler_default_timeout_beats_the_consumer_default(store, clock):
+    gate = Gate()
+    gate.default_timeout_s = 50.0
+    store.send(Q, rule(1))
+    consumer = make(store, clock, gate, parallel=1, timeout_s=5.0)
+    consumer.run_once()
+    assert gate.entered.acquire(timeout=5)
+    clock.advance(10.0)
+    consumer.run_once()
+    assert results(store) == []
+    clock.advance(40.0)
+    consumer.run_once()
+    [timed_out] = results(store)
+    assert timed_out["error"]["code"] == "timeout" and timed_out["error"]["details"]["timeout_ms"] == 50000
+    gate.release.set()
