@@ -6,9 +6,11 @@ import os
 import socket
 from dataclasses import dataclass
 
+from genesis_pgflow import maintenance
 from genesis_pgflow.consumer import Consumer, ConsumerOptions
 from genesis_pgflow.dispatcher import Dispatcher
 from genesis_pgflow.handlers.base import Handler
+from genesis_pgflow.handlers.experiments import ExperimentRunner
 from genesis_pgflow.handlers.jobs import JobExecutor
 from genesis_pgflow.handlers.llm_config import LlmConfigManager
 from genesis_pgflow.handlers.rules import RuleEngine
@@ -17,6 +19,7 @@ from genesis_pgflow.settings import Settings
 from genesis_pgflow.store import schema
 from genesis_pgflow.store.database import Database, check_reachable
 from genesis_pgflow.store.embedded import embedded_dsn
+from genesis_pgflow.store.experiments import ExperimentRecords, PgExperimentRecords
 from genesis_pgflow.store.queue import PgQueueStore
 from genesis_pgflow.store.state import PgStateStore, StateStore
 
@@ -29,12 +32,14 @@ def resolve_dsn(settings: Settings) -> str:
     return settings.dsn or embedded_dsn(settings.home)
 
 
-def build_handlers(settings: Settings, state: StateStore) -> dict[str, Handler]:
+def build_handlers(settings: Settings, state: StateStore, experiments: ExperimentRecords) -> dict[str, Handler]:
     """type -> handler; a new workflow plugs in here, not in the consumer."""
+    sandbox = Sandbox()
     handlers: list[Handler] = [
         RuleEngine(state, settings.min_rule_confidence),
         LlmConfigManager(state),
-        JobExecutor(Sandbox()),
+        JobExecutor(sandbox),
+        ExperimentRunner(settings, experiments, sandbox),
     ]
     return {h.payload_type: h for h in handlers}
 
@@ -46,6 +51,7 @@ class App:
     db: Database
     queues: PgQueueStore
     state: PgStateStore
+    experiments: PgExperimentRecords
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool | None = None) -> "App":
@@ -58,11 +64,11 @@ class App:
         else:
             schema.require_current(dsn)
         db = Database(dsn, max_size=max(4, settings.parallel + 2)).open()
-        return cls(settings, dsn, db, PgQueueStore(db, consumer_name()), PgStateStore(db))
+        return cls(settings, dsn, db, PgQueueStore(db, consumer_name()), PgStateStore(db), PgExperimentRecords(db))
 
     def dispatcher(self) -> Dispatcher:
         s = self.settings
-        return Dispatcher(build_handlers(s, self.state), timeout_s=s.timeout_ms / 1000.0,
+        return Dispatcher(build_handlers(s, self.state, self.experiments), timeout_s=s.timeout_ms / 1000.0,
                           max_attempts=s.max_attempts, retry_base_s=s.retry_base_s, retry_max_s=s.retry_max_s)
 
     def consumer(self) -> Consumer:
@@ -70,7 +76,8 @@ class App:
         options = ConsumerOptions(queues=s.queues, parallel=s.parallel, batch_size=s.batch_size,
                                   poll_interval_s=s.poll_interval_ms / 1000.0, lease_s=s.lease_s,
                                   drain=s.drain, shutdown_grace_s=s.shutdown_grace_s)
-        return Consumer(self.queues, self.dispatcher(), options)
+        return Consumer(self.queues, self.dispatcher(), options,
+                        periodic=maintenance.scheduled_jobs(s, self.experiments))
 
     def close(self) -> None:
         self.queues.close()

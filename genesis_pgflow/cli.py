@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError
 
-from genesis_pgflow import metrics
+from genesis_pgflow import maintenance, metrics
 from genesis_pgflow.app import App
 from genesis_pgflow.errors import ConfigurationError
 from genesis_pgflow.messages import QUEUES, REQUEST_QUEUES, all_queue_names, redact
@@ -149,6 +149,18 @@ def admin_parser() -> argparse.ArgumentParser:
     llm_show = llm.add_parser("show")
     llm_show.add_argument("--provider")
     llm_show.add_argument("--json", action="store_true")
+    exps = sub.add_parser("experiments", help="experiments and their metrics").add_subparsers(
+        dest="experiments_command", required=True)
+    exps_list = exps.add_parser("list")
+    exps_list.add_argument("--status", choices=["running", "success", "regressed", "failed"])
+    exps_list.add_argument("--limit", type=int, default=50)
+    exps_list.add_argument("--json", action="store_true")
+    exps_show = exps.add_parser("show")
+    exps_show.add_argument("experiment_id")
+    sandbox = sub.add_parser("sandbox", help="experiment sandboxes").add_subparsers(dest="sandbox_command", required=True)
+    cleanup = sandbox.add_parser("cleanup", help="remove sandboxes older than the maximum age")
+    cleanup.add_argument("--max-age-days", type=float)
+    cleanup.add_argument("--json", action="store_true")
     return p
 
 
@@ -219,6 +231,22 @@ def _admin(app: App, args: argparse.Namespace, body: Any) -> int:
         _print(configs, args.json, lambda rows: "\n".join(
             f"{r['provider']}/{r['complexity']}\tv{r['version']}\tmodels {', '.join(r['models'])}\tsettings "
             f"{json.dumps(r['settings'])}" for r in rows) or "(no LLM configurations)")
+    elif args.command == "experiments" and args.experiments_command == "list":
+        rows = app.experiments.list_experiments(status=args.status, limit=args.limit)
+        _print(rows, args.json, lambda rows: "\n".join(
+            f"{r['experiment_id']}\t{r['status']}\t{r.get('recommendation') or '-'}\t{r['started_at']:%Y-%m-%d %H:%M:%S}"
+            f"\t{r['description']}" for r in rows) or "(no experiments)")
+    elif args.command == "experiments" and args.experiments_command == "show":
+        found = app.experiments.show_experiment(args.experiment_id)
+        if found is None:
+            raise ConfigurationError(f"no experiment {args.experiment_id!r}")
+        print(json.dumps(redact(found), indent=2, default=str))
+    elif args.command == "sandbox":
+        report = maintenance.cleanup_sandboxes(app.settings, app.experiments, max_age_days=args.max_age_days)
+        _print(report.as_json(), args.json, lambda r: (
+            f"removed {len(r['removed'])} sandbox(es), freed {r['bytes_freed']} bytes; kept {len(r['kept'])}"
+            + (f"; errors: {r['errors']}" if r["errors"] else "")) if r["ran"] else
+            "another process is cleaning up right now; nothing done")
     return EXIT_OK
 
 

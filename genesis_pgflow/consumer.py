@@ -94,6 +94,7 @@ class Stats:
 
 
 PeriodicJob = tuple[str, float, Callable[[], object]]
+LISTEN_SLICE_S = 0.5
 
 
 class Consumer:
@@ -338,11 +339,13 @@ class Consumer:
         finally:
             self.pool.stop()
             if self._listener is not None:
-                self._listener.join(self.options.poll_interval_s + 5)
+                self._listener.join(LISTEN_SLICE_S + 5)
 
     def _listen(self) -> None:
         while not self.stopping.is_set():
-            if self.store.wait_for_messages(self.options.queues, timeout_s=self.options.poll_interval_s):
+            # short slices, so that stop() is noticed at once whatever the poll interval
+            if self.store.wait_for_messages(self.options.queues,
+                                            timeout_s=min(self.options.poll_interval_s, LISTEN_SLICE_S)):
                 self.wakeup.set()
 
     def _run_periodic(self) -> None:

@@ -65,7 +65,8 @@ class Dispatcher:
                                   details={"type": payload.type, **payload.identifiers()})  # type: ignore[attr-defined]
         except (InvalidPayload, UnknownType) as exc:
             return self._outcome(message, "failed", started, error=exc)
-        timeout_s = timeout_override(payload) or getattr(handler, "default_timeout_s", None) or self.timeout_s
+        own_timeout = getattr(handler, "timeout_s", None)
+        timeout_s = (own_timeout(payload) if callable(own_timeout) else None) or timeout_override(payload) or self.timeout_s
         return Task(message, handler, payload, timeout_s, str(uuid.uuid4()), started)
 
     def context(self, task: Task, deadline: float) -> WorkContext:

@@ -11,8 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from genesis_pgflow.messages import REQUEST_QUEUES
 
 
-def default_home(env: Mapping[str, str]) -> Path:
-    return Path(env.get("GENESIS_HOME") or Path.home() / ".genesis").expanduser()
+ROOT_HOME = Path("/var/lib/genesis")
+
+
+def default_home(env: Mapping[str, str], euid: int | None = None) -> Path:
+    """GENESIS_HOME, else ~/.genesis; for root /var/lib/genesis, because root's home is private:
+    the embedded server (run as the `pgserver` user) and the sandbox's unprivileged uids must
+    reach the data and sandbox folders, and pgserver would open up every parent folder."""
+    if env.get("GENESIS_HOME"):
+        return Path(env["GENESIS_HOME"]).expanduser()
+    if (os.geteuid() if euid is None else euid) == 0:
+        return ROOT_HOME
+    return Path.home() / ".genesis"
 
 
 class Settings(BaseModel):

@@ -186,8 +186,8 @@ def source_git(repo: Path, args: Sequence[str], **kwargs: object) -> subprocess.
     """git in the original (untrusted) repository, with every filter and textconv driver its
     config defines switched off: command-line config beats the repository's, and an empty
     command means no filter."""
-    listed = git(["config", "--name-only", "--get-regexp", r"^(filter|diff)\..*\.(clean|smudge|process|textconv|command)$"],
-                 cwd=repo, check=False).stdout.split()
+    drivers = r"^(filter|diff)\..*\.(clean|smudge|process|textconv|command)$"
+    listed = git(["config", "--name-only", "--get-regexp", drivers], cwd=repo, check=False).stdout.split()
     overrides: list[str] = []
     for key in dict.fromkeys(listed):
         section, _, rest = key.partition(".")
@@ -298,7 +298,7 @@ class Workspace:
 
     # -- creating ------------------------------------------------------------------------------
 
-    def create(self, repo: str | Path, base_ref: str = "HEAD") -> str:
+    def create(self, repo: str | Path, base_ref: str = "HEAD", *, timeout_s: float = GIT_TIMEOUT_S) -> str:
         """Clone repo at base_ref into the sandbox (replacing a previous attempt's copy) and check
         out branch experiment/<id> there; return the baseline commit."""
         source = Path(repo)
@@ -319,7 +319,7 @@ class Workspace:
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         git(["clone", "--quiet", "--no-local", "--no-hardlinks", "--no-checkout", "--template=",
              f"--separate-git-dir={self.git_dir}", "--", str(source.resolve()), str(self.path)],
-            cwd=self.sandboxes_dir, error=RepositoryUnavailable)
+            cwd=self.sandboxes_dir, error=RepositoryUnavailable, timeout_s=timeout_s)
         self.strip_executable_config()
         checkout = self.git("checkout", "--quiet", "-B", self.branch, baseline, check=False)
         if checkout.returncode != 0:
@@ -410,7 +410,8 @@ class Workspace:
                 with open(target, "w", encoding="utf-8", newline="") as handle:
                     handle.write(content)
             except (NotADirectoryError, FileExistsError) as exc:
-                raise InvalidChange(f"path {path!r} cannot be written: {exc.strerror}", details={"path": path}) from None
+                raise InvalidChange(f"path {path!r} cannot be written: {exc.strerror}",
+                                    details={"path": path}) from None
         self.check_symlinks()
         return [path for path, _content, _target in changes]
 

@@ -105,5 +105,6 @@ def empty_db_dsn(server_dsn: str) -> Iterator[str]:
 def genesis_home() -> Iterator[Path]:
     """A GENESIS_HOME of the test's own, outside private home folders (see README)."""
     path = Path(tempfile.mkdtemp(prefix="genesis-home-", dir="/var/tmp"))
+    path.chmod(0o755)      # the sandbox's unprivileged uids must reach the sandboxes below it
     yield path
     shutil.rmtree(path, ignore_errors=True)

@@ -43,8 +43,8 @@ class Handler(Protocol):
 
     Return the result object (contract section 5); raise a PermanentError subclass for a
     failure that will not go away, a RetryableError for one that may. The deadline is the
-    payload's `timeout_ms` if it has one, else the handler's `default_timeout_s` attribute if it
-    has one (an experiment's hour), else the consumer's --timeout-ms.
+    handler's own `timeout_s(payload)` if it has that method (an experiment's hour), else the
+    payload's `timeout_ms` if it has one, else the consumer's --timeout-ms.
     """
 
     payload_type: str

@@ -14,7 +14,8 @@ One experiment, start to end:
 Every step is recorded through ExperimentRecords. A timeout (the request's timeout_ms, else
 settings.experiment_timeout_ms, never past the consumer's deadline) rolls back and fails the
 experiment with WorkflowTimeout. At most settings.max_experiments_concurrent experiments run at
-once in one process, whatever the consumer's parallelism.
+once in one process, whatever the consumer's parallelism, and as many across every consumer of
+the database (advisory locks through the records store).
 """
 
 from __future__ import annotations
@@ -418,7 +419,12 @@ class ExperimentRunner:
                     ids: dict[str, str]) -> dict[str, Any]:
         workspace = attempt.workspace
         self._sandboxes_dir_ready()
-        attempt.baseline_commit = workspace.create(request.repo, request.base_ref)
+        try:
+            attempt.baseline_commit = workspace.create(request.repo, request.base_ref,
+                                                       timeout_s=self._check_time(ctx, attempt))
+        except GenesisError:
+            self._check_time(ctx, attempt)  # a clone cut short by the deadline is a timeout
+            raise
         self.records.commits_recorded(request.experiment_id, baseline_commit=attempt.baseline_commit)
         self.records.sandbox_event(request.experiment_id, str(workspace.path), "created",
                                    size_bytes=workspace.size_bytes(), detail=f"{request.repo}@{request.base_ref}")

@@ -140,34 +140,34 @@ class PgExperimentRecords:
     def __init__(self, db: Database):
         self.db = db
 
-    def _execute(self, name: str, params: dict[str, Any]) -> None:
-        self.db.run(lambda conn: conn.execute(sql(name), params))
+    def _execute(self, query: str, params: dict[str, Any]) -> None:
+        self.db.run(lambda conn: conn.execute(query, params))
 
     def experiment_started(self, start: ExperimentStart) -> None:
-        self._execute("experiment_start", asdict(start))
+        self._execute(sql("experiment_start"), asdict(start))
 
     def commits_recorded(self, experiment_id: str, *, baseline_commit: str | None = None,
                          change_commit: str | None = None) -> None:
-        self._execute("experiment_set_commits", {"experiment_id": experiment_id, "baseline_commit": baseline_commit,
-                                                 "change_commit": change_commit})
+        self._execute(sql("experiment_set_commits"), {
+            "experiment_id": experiment_id, "baseline_commit": baseline_commit, "change_commit": change_commit})
 
     def run_recorded(self, experiment_id: str, run: RunRecord) -> None:
-        self._execute("experiment_run_insert", {
+        self._execute(sql("experiment_run_insert"), {
             **asdict(run), "experiment_id": experiment_id, "command": Jsonb(run.command),
             "test_count": run.test_count, "success_rate": run.success_rate})
 
     def experiment_finished(self, experiment_id: str, result: dict[str, Any]) -> None:
-        self._execute("experiment_finish", _finish_params(experiment_id, result))
+        self._execute(sql("experiment_finish"), _finish_params(experiment_id, result))
 
     def experiment_failed(self, experiment_id: str, error: dict[str, Any], *, rolled_back: bool,
                           duration_ms: float) -> None:
-        self._execute("experiment_fail", {"experiment_id": experiment_id, "error": Jsonb(error),
+        self._execute(sql("experiment_fail"), {"experiment_id": experiment_id, "error": Jsonb(error),
                                           "rolled_back": rolled_back, "duration_ms": duration_ms})
 
     def sandbox_event(self, experiment_id: str, sandbox_path: str, event: str, *, size_bytes: int | None = None,
                       age_s: float | None = None, detail: str | None = None) -> None:
         _check_event(event)
-        self._execute("sandbox_event_insert", {"experiment_id": experiment_id, "sandbox_path": sandbox_path,
+        self._execute(sql("sandbox_event_insert"), {"experiment_id": experiment_id, "sandbox_path": sandbox_path,
                                                "event": event, "size_bytes": size_bytes, "age_s": age_s,
                                                "detail": detail})
 

@@ -282,7 +282,7 @@ def test_metrics_endpoint_serves_the_counters(store, clock):
 
 def test_a_handler_default_timeout_beats_the_consumer_default(store, clock):
     gate = Gate()
-    gate.default_timeout_s = 50.0
+    gate.timeout_s = lambda payload: 50.0
     store.send(Q, rule(1))
     consumer = make(store, clock, gate, parallel=1, timeout_s=5.0)
     consumer.run_once()

@@ -1,0 +1,103 @@
+-- The records of ExperimentRunner and of sandbox maintenance. Named blocks: see store/queries.py.
+
+-- name: experiment_start
+-- Record that an experiment (or a new attempt at it) has started; a new attempt clears the last one's outcome.
+INSERT INTO genesis.experiments AS e (experiment_id, instance_id, experiment_type, description, risk_level, repo,
+                                      base_ref, status, attempts, sandbox_path, started_at, updated_at)
+VALUES (%(experiment_id)s, %(instance_id)s, %(experiment_type)s, %(description)s, %(risk_level)s, %(repo)s,
+        %(base_ref)s, 'running', 1, %(sandbox_path)s, now(), now())
+ON CONFLICT (experiment_id) DO UPDATE
+    SET instance_id = EXCLUDED.instance_id, experiment_type = EXCLUDED.experiment_type,
+        description = EXCLUDED.description, risk_level = EXCLUDED.risk_level, repo = EXCLUDED.repo,
+        base_ref = EXCLUDED.base_ref, status = 'running', attempts = e.attempts + 1,
+        sandbox_path = EXCLUDED.sandbox_path, baseline_commit = NULL, change_commit = NULL,
+        success_rate = NULL, regression = NULL, baseline_success_rate = NULL, test_count = NULL,
+        failures = NULL, duration_ms = NULL, recommendation = NULL, rolled_back = false, error = NULL,
+        started_at = now(), finished_at = NULL, updated_at = now()
+
+-- name: experiment_set_commits
+-- Record an experiment's baseline commit and, once made, the commit of its change.
+UPDATE genesis.experiments
+SET baseline_commit = coalesce(%(baseline_commit)s, baseline_commit),
+    change_commit = coalesce(%(change_commit)s, change_commit), updated_at = now()
+WHERE experiment_id = %(experiment_id)s
+
+-- name: experiment_run_insert
+-- Record one test-suite run (baseline or change) of the experiment's current attempt.
+INSERT INTO genesis.experiment_runs (experiment_id, attempt, phase, commit_sha, command, returncode, timed_out,
+                                     test_count, passed, failed, errors, skipped, success_rate, duration_ms,
+                                     output_tail)
+SELECT %(experiment_id)s, e.attempts, %(phase)s, %(commit)s, %(command)s, %(returncode)s, %(timed_out)s,
+       %(test_count)s, %(passed)s, %(failed)s, %(errors)s, %(skipped)s, %(success_rate)s, %(duration_ms)s,
+       %(output_tail)s
+FROM genesis.experiments e WHERE e.experiment_id = %(experiment_id)s
+
+-- name: experiment_finish
+-- Record an experiment's outcome: status, metrics, recommendation and whether it was rolled back.
+UPDATE genesis.experiments
+SET status = %(status)s, success_rate = %(success_rate)s, regression = %(regression)s,
+    baseline_success_rate = %(baseline_success_rate)s, test_count = %(test_count)s, failures = %(failures)s,
+    duration_ms = %(duration_ms)s, recommendation = %(recommendation)s, rolled_back = %(rolled_back)s,
+    baseline_commit = coalesce(%(baseline_commit)s, baseline_commit), error = NULL,
+    finished_at = now(), updated_at = now()
+WHERE experiment_id = %(experiment_id)s
+
+-- name: experiment_fail
+-- Record that an experiment failed before it could be measured (bad patch, timeout, escaping path, ...).
+UPDATE genesis.experiments
+SET status = 'failed', error = %(error)s, rolled_back = %(rolled_back)s, recommendation = 'reject',
+    duration_ms = %(duration_ms)s, finished_at = now(), updated_at = now()
+WHERE experiment_id = %(experiment_id)s
+
+-- name: sandbox_event_insert
+-- Record one event in the history of an experiment's sandbox.
+INSERT INTO genesis.sandbox_events (experiment_id, sandbox_path, event, size_bytes, age_s, detail)
+VALUES (%(experiment_id)s, %(sandbox_path)s, %(event)s, %(size_bytes)s, %(age_s)s, %(detail)s)
+
+-- name: experiments_list
+-- The latest experiments, newest first, optionally of one status.
+SELECT experiment_id, instance_id, experiment_type, description, risk_level, repo, base_ref, status, attempts,
+       baseline_commit, change_commit, sandbox_path, success_rate, regression, baseline_success_rate, test_count,
+       failures, duration_ms, recommendation, rolled_back, error, started_at, finished_at
+FROM genesis.experiments
+WHERE %(status)s::text IS NULL OR status = %(status)s
+ORDER BY started_at DESC, experiment_id
+LIMIT %(limit)s
+
+-- name: experiment_get
+-- One experiment's record.
+SELECT experiment_id, instance_id, experiment_type, description, risk_level, repo, base_ref, status, attempts,
+       baseline_commit, change_commit, sandbox_path, success_rate, regression, baseline_success_rate, test_count,
+       failures, duration_ms, recommendation, rolled_back, error, started_at, finished_at
+FROM genesis.experiments WHERE experiment_id = %(experiment_id)s
+
+-- name: experiment_runs_of
+-- The test runs of one experiment, in the order they ran.
+SELECT attempt, phase, commit_sha, command, returncode, timed_out, test_count, passed, failed, errors, skipped,
+       success_rate, duration_ms, output_tail, recorded_at
+FROM genesis.experiment_runs WHERE experiment_id = %(experiment_id)s ORDER BY id
+
+-- name: sandbox_events_list
+-- Sandbox history, oldest first, optionally of one experiment and/or one kind of event.
+SELECT experiment_id, sandbox_path, event, size_bytes, age_s, detail, recorded_at
+FROM genesis.sandbox_events
+WHERE (%(experiment_id)s::text IS NULL OR experiment_id = %(experiment_id)s)
+  AND (%(event)s::text IS NULL OR event = %(event)s)
+ORDER BY id
+LIMIT %(limit)s
+
+-- name: maintenance_try_lock
+-- Take the session-level advisory lock of one maintenance job if no other consumer holds it.
+SELECT pg_try_advisory_lock(hashtext('genesis.maintenance'), hashtext(%(job)s)) AS locked
+
+-- name: maintenance_unlock
+-- Release the advisory lock of one maintenance job.
+SELECT pg_advisory_unlock(hashtext('genesis.maintenance'), hashtext(%(job)s)) AS unlocked
+
+-- name: experiment_slot_try_lock
+-- Take one of the experiment slots (max_experiments_concurrent across every consumer) if it is free.
+SELECT pg_try_advisory_lock(hashtext('genesis.experiment_slots'), %(slot)s) AS locked
+
+-- name: experiment_slot_unlock
+-- Give an experiment slot back.
+SELECT pg_advisory_unlock(hashtext('genesis.experiment_slots'), %(slot)s) AS unlocked
