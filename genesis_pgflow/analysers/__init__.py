@@ -67,7 +67,7 @@ class Analysis:
     output: str | None = None
 
 
-# --- scoring (documented in docs/jobs.md) -----------------------------------------------------
+# --- scoring (documented in README.md, "Code execution requests") -----------------------------------------------------
 
 
 def clamp_score(value: float) -> float:

@@ -3,7 +3,7 @@
 quality: cyclomatic complexity per def/defp/defmacro from Code.string_to_quoted.
 linting: Code.format_string! (as `mix format --check-formatted`) plus AST rules EXL001-EXL004, and
     the compiler's warnings when the sandbox is available (compiling runs macros, so only there).
-security: AST rules EXS001-EXS007 (see docs/jobs.md).
+security: AST rules EXS001-EXS007 (see README.md, "Code execution requests").
 testing: the code is loaded with ExUnit started and run with seed 0, in the sandbox.
 """
 
@@ -100,7 +100,7 @@ defmodule GenesisAnalysis do
 
   defp emit_function({name, line, complexity}), do: IO.puts("FN\t#{clean(name)}\t#{line}\t#{complexity}")
 
-  # --- security: documented in docs/jobs.md ------------------------------------------------
+  # --- security: documented in README.md, "Code execution requests" ------------------------------------------------
   @eval_functions [:eval_string, :eval_quoted, :eval_file, :compile_string, :compile_quoted, :require_file]
   defp security({{:., _, [{:__aliases__, _, [:Code]}, fun]}, meta, _}) when fun in @eval_functions,
     do: issue("EXS001", "error", line(meta), "Code.#{fun} evaluates code built at run time")

@@ -2,7 +2,7 @@
 (security), node's test runner in the sandbox (testing).
 
 Biome and TypeScript come from npm, installed by scripts/system-deps.sh into <repo>/.tools/.
-The security rules JSS001-JSS008 (docs/jobs.md) walk the syntax tree, so words in comments and
+The security rules JSS001-JSS008 (README.md, "Code execution requests") walk the syntax tree, so words in comments and
 strings are never mistaken for calls; the code is parsed, never run.
 """
 

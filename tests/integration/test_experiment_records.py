@@ -261,18 +261,3 @@ def test_an_experiment_recorded_in_postgres(db_dsn: str, genesis_home: Path, tmp
     assert shown is not None and shown["metrics"] == result["metrics"]
     assert [r["phase"] for r in shown["runs"]] == ["baseline", "change"]
     assert [e["event"] for e in shown["sandbox_events"]] == ["created"]
-
-
-@pytest.mark.db
-def test_the_sql_of_the_docs_runs(db_dsn: str) -> None:
-    from genesis_pgflow.messages import ExperimentRequest, parse_payload
-
-    docs = Path(__file__).resolve().parents[2] / "docs" / "experiments.md"
-    blocks = re.findall(r"```sql\n(.*?)```", docs.read_text(), re.DOTALL)
-    statements = [s.strip() for block in blocks for s in block.split(";\n") if s.strip()]
-    assert len(statements) >= 8
-    with psycopg.connect(db_dsn, autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)  # type: ignore[arg-type]
-        body = conn.execute("SELECT message FROM pgmq.read('genesis_experiment_requests', 1, 1)").fetchone()
-    assert body is not None and isinstance(parse_payload(body[0]), ExperimentRequest)
