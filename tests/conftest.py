@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -79,26 +80,31 @@ def template_db(server_dsn: str) -> Iterator[str]:
 _counter = itertools.count()
 
 
+@contextmanager
+def _fresh_database(server_dsn: str, prefix: str, template: str | None = None) -> Iterator[str]:
+    name = f"genesis_{prefix}{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{clause}')
+    try:
+        yield make_conninfo(server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def db_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
     """A fresh database at the current schema, dropped after the test."""
-    name = f"genesis_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    yield make_conninfo(server_dsn, dbname=name)
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with _fresh_database(server_dsn, "t", template_db) as dsn:
+        yield dsn
 
 
 @pytest.fixture
 def empty_db_dsn(server_dsn: str) -> Iterator[str]:
     """A fresh database with nothing in it (no pgmq, no genesis schema)."""
-    name = f"genesis_e{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(server_dsn, dbname=name)
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with _fresh_database(server_dsn, "e") as dsn:
+        yield dsn
 
 
 @pytest.fixture
