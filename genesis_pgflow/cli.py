@@ -198,7 +198,9 @@ def admin_main(argv: Sequence[str] | None = None) -> int:
                 body = json.loads(args.json)
             except json.JSONDecodeError as exc:
                 raise ConfigurationError(f"JSON argument is not valid JSON: {exc}") from None
-        app = App.open(settings, migrate=True)
+        # Operators' commands never change a configured database's schema behind their back (a
+        # behind database is exit 2 naming `genesis db upgrade`); the embedded default is ours.
+        app = App.open(settings, migrate=settings.dsn is None)
         try:
             return _admin(app, args, body if args.command == "send" else None)
         finally:

@@ -311,7 +311,8 @@ class Consumer:
                     if self.options.drain and self.store.depth(self.options.queues) == 0:
                         log.info("drained: every queue is empty and nothing is in flight")
                         break
-                    self.wakeup.wait(self.poll_wait_s())
+                    if not self.stopping.is_set():     # a stop() during run_once was cleared with wakeup
+                        self.wakeup.wait(self.poll_wait_s())
         finally:
             self.shutdown()
 
