@@ -173,6 +173,9 @@ def _status_table(status: dict[str, Any]) -> str:
     lines = [f"{'queue':<30}" + "".join(f"{c:>14}" for c in cols)]
     for name, row in status["queues"].items():
         lines.append(f"{name:<30}" + "".join(f"{'-' if row[c] is None else row[c]:>14}" for c in cols))
+    lines += ["", f"{'type':<30}{'completed':>14}{'failed':>14}{'retrying':>14}{'running':>14}"]
+    for kind, row in status["types"].items():
+        lines.append(f"{kind:<30}{row['completed']:>14}{row['failed']:>14}{row['retrying']:>14}{row['running']:>14}")
     return "\n".join(lines)
 
 

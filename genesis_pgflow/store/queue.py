@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Iterable, Protocol, Sequence
 
 import psycopg
@@ -190,9 +190,11 @@ class PgQueueStore:
         """Per queue: depth, in flight, oldest age, archived, dead-lettered; per type: outcomes."""
         def tx(conn: psycopg.Connection) -> dict[str, Any]:
             metrics = {r["queue_name"]: r for r in conn.execute(sql("queue_metrics"))}
-            counts: dict[str, dict[str, int]] = defaultdict(dict)
+            counts: dict[str, Counter] = defaultdict(Counter)
+            types: dict[str, Counter] = defaultdict(Counter)
             for r in conn.execute(sql("run_counts")):
-                counts[r["queue"]][r["status"]] = r["n"]
+                counts[r["queue"]][r["status"]] += r["n"]
+                types[r["type"]][r["status"]] += r["n"]
             queues = {}
             for queue, (kind, results) in QUEUES.items():
                 m = metrics.get(queue, {})
@@ -210,7 +212,9 @@ class PgQueueStore:
                     "retrying": counts[queue].get("pending", 0),
                     "running": counts[queue].get("running", 0),
                 }
-            return {"queues": queues}
+            return {"queues": queues,
+                    "types": {t: {"completed": c["completed"], "failed": c["failed"], "retrying": c["pending"],
+                                  "running": c["running"]} for t, c in sorted(types.items())}}
         return self.db.run(tx)
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[dict[str, Any]]:

@@ -179,6 +179,8 @@ def test_status_json_counts_per_queue(env: dict[str, str], db_dsn: str) -> None:
         assert {k: queues[name][k] for k in ("depth", "archived", "completed", "failed")} == {
             "depth": 0, "archived": 0, "completed": 0, "failed": 0}
 
+    assert status["types"]["genesis_rule_update"] == {"completed": 1, "failed": 2, "retrying": 0, "running": 0}
+
     table = ok(run_cli(GENESIS, "status", env=env)).stdout
     assert RULES in table and "depth" in table and "archived" in table
 
