@@ -8,13 +8,42 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from genesis_pgflow.messages import (
-    QUEUES, Outcome, ReadMessage, all_queue_names, dead_letter_queue, envelope, redact, result_queue,
+    QUEUES,
+    Outcome,
+    ReadMessage,
+    all_queue_names,
+    dead_letter_queue,
+    envelope,
+    redact,
+    result_queue,
 )
-from genesis_pgflow.store.state import Applied, LlmConfig, RuleVersion, decide_rule, same_config
+from genesis_pgflow.store.state import (
+    Applied,
+    LlmConfig,
+    RuleVersion,
+    decide_rule,
+    same_config,
+)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+               what: str = "the condition") -> Any:
+    """Poll predicate until it returns something truthy (returned), or fail after timeout seconds:
+    tests wait on conditions, never on fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
 
 
 class FakeClock:
@@ -34,7 +63,7 @@ class FakeClock:
     sleep = advance
 
     def utc(self) -> dt.datetime:
-        return dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=self.now)
+        return dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=self.now)
 
 
 @dataclass
@@ -65,7 +94,7 @@ class MemoryQueueStore:
             self.archives.setdefault(name, [])
 
     def _now_utc(self) -> dt.datetime:
-        return dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=self.clock())
+        return dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=self.clock())
 
     def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
         with self._lock:
@@ -204,4 +233,4 @@ class MemoryStateStore:
                     if h and provider in (None, p)]
 
 
-__all__ = ["FakeClock", "MemoryQueueStore", "MemoryStateStore", "QUEUES"]
+__all__ = ["QUEUES", "FakeClock", "MemoryQueueStore", "MemoryStateStore", "wait_until"]

@@ -19,6 +19,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from genesis_pgflow.store import schema
+from genesis_pgflow.testing import wait_until
 
 RULES, RULES_RESULTS, RULES_DLQ = "genesis_rule_updates", "genesis_rule_updates_results", "genesis_rule_updates_dlq"
 LLM, LLM_RESULTS, LLM_DLQ = ("genesis_llm_config_updates", "genesis_llm_config_updates_results",
@@ -42,18 +43,6 @@ def cli_env(home: Path, dsn: str | None = None, **extra: str) -> dict[str, str]:
 
 def run_cli(script: Path, *args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(script), *args], check=False, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
-               what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def query(dsn: str, sql: str, params: Any = None) -> list[dict[str, Any]]:

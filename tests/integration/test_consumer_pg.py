@@ -25,6 +25,7 @@ from genesis_pgflow.messages import Outcome, ReadMessage
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.queue import PgQueueStore
 from genesis_pgflow.store.state import PgStateStore
+from genesis_pgflow.testing import wait_until
 
 pytestmark = pytest.mark.db
 
@@ -38,18 +39,6 @@ ENVELOPE_FIELDS = {"workflow_id", "request", "status", "result", "error", "start
 
 
 # --- waiting on conditions, never on fixed sleeps ------------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
-               what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def drive(consumer: Consumer, until: Callable[[], Any], timeout: float = 10.0, what: str = "the condition") -> Any:
