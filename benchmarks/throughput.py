@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import resource
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +57,7 @@ def raw_pipeline(dsn: str, per_message: bool) -> int:
                 return done
             outputs = list(pool.map(noop, [m for _, m in rows]))
             if per_message:
-                for (msg_id, _), out in zip(rows, outputs):
+                for (msg_id, _), out in zip(rows, outputs, strict=True):
                     with conn.transaction():
                         conn.execute("SELECT pgmq.send(%s, %s)", (RESULTS, Jsonb(out)))
                         conn.execute("SELECT pgmq.archive(%s, %s::bigint)", (Q, msg_id))

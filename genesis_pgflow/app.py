@@ -54,7 +54,7 @@ class App:
     experiments: PgExperimentRecords
 
     @classmethod
-    def open(cls, settings: Settings, *, migrate: bool | None = None) -> "App":
+    def open(cls, settings: Settings, *, migrate: bool | None = None) -> App:
         """Connect (exit-2 errors if the database is unreachable or behind), upgrading first
         unless migrate is False."""
         dsn = resolve_dsn(settings)

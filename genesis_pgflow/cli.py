@@ -7,7 +7,8 @@ import json
 import logging
 import signal
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -73,7 +74,8 @@ def _guarded(main: Callable[[], int]) -> int:
 
 
 def consume_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="genesis-consume", description="Consume the Genesis pgmq queues and publish one result per request.")
+    p = _Parser(prog="genesis-consume",
+                description="Consume the Genesis pgmq queues and publish one result per request.")
     p.add_argument("--dsn", help="libpq URL or key/value DSN (default: GENESIS_DATABASE_URL, DATABASE_URL, embedded)")
     p.add_argument("--parallel", type=int, help="handlers running at once (default 4; 1 = sequential)")
     p.add_argument("--batch-size", type=int, help="most messages read from a queue at once (default 10)")
@@ -102,7 +104,10 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
         app = App.open(settings)
         try:
             consumer = app.consumer()
-            stop = lambda signum, _frame: (log.info("signal %s: finishing in-flight work", signum), consumer.stop())
+            def stop(signum: int, _frame: object) -> None:
+                log.info("signal %s: finishing in-flight work", signum)
+                consumer.stop()
+
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
             server = metrics.serve(consumer, settings.metrics_port) if settings.metrics_port is not None else None
@@ -145,7 +150,8 @@ def admin_parser() -> argparse.ArgumentParser:
     rules_list = rules.add_parser("list")
     rules_list.add_argument("--namespace")
     rules_list.add_argument("--json", action="store_true")
-    llm = sub.add_parser("llm-config", help="the active LLM configurations").add_subparsers(dest="llm_command", required=True)
+    llm = sub.add_parser("llm-config", help="the active LLM configurations").add_subparsers(
+        dest="llm_command", required=True)
     llm_show = llm.add_parser("show")
     llm_show.add_argument("--provider")
     llm_show.add_argument("--json", action="store_true")
@@ -157,7 +163,8 @@ def admin_parser() -> argparse.ArgumentParser:
     exps_list.add_argument("--json", action="store_true")
     exps_show = exps.add_parser("show")
     exps_show.add_argument("experiment_id")
-    sandbox = sub.add_parser("sandbox", help="experiment sandboxes").add_subparsers(dest="sandbox_command", required=True)
+    sandbox = sub.add_parser("sandbox", help="experiment sandboxes").add_subparsers(
+        dest="sandbox_command", required=True)
     cleanup = sandbox.add_parser("cleanup", help="remove sandboxes older than the maximum age")
     cleanup.add_argument("--max-age-days", type=float)
     cleanup.add_argument("--json", action="store_true")
@@ -239,8 +246,8 @@ def _admin(app: App, args: argparse.Namespace, body: Any) -> int:
     elif args.command == "experiments" and args.experiments_command == "list":
         rows = app.experiments.list_experiments(status=args.status, limit=args.limit)
         _print(rows, args.json, lambda rows: "\n".join(
-            f"{r['experiment_id']}\t{r['status']}\t{r.get('recommendation') or '-'}\t{r['started_at']:%Y-%m-%d %H:%M:%S}"
-            f"\t{r['description']}" for r in rows) or "(no experiments)")
+            f"{r['experiment_id']}\t{r['status']}\t{r.get('recommendation') or '-'}"
+            f"\t{r['started_at']:%Y-%m-%d %H:%M:%S}\t{r['description']}" for r in rows) or "(no experiments)")
     elif args.command == "experiments" and args.experiments_command == "show":
         found = app.experiments.show_experiment(args.experiment_id)
         if found is None:

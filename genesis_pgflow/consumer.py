@@ -8,9 +8,9 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from genesis_pgflow.dispatcher import Dispatcher, Task
 from genesis_pgflow.handlers.base import WorkContext

@@ -6,11 +6,17 @@ import datetime as dt
 import logging
 import random
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from genesis_pgflow.errors import (
-    GenesisError, InvalidPayload, MaxAttemptsExceeded, PermanentError, UnknownType, WorkflowTimeout,
+    GenesisError,
+    InvalidPayload,
+    MaxAttemptsExceeded,
+    PermanentError,
+    UnknownType,
+    WorkflowTimeout,
 )
 from genesis_pgflow.handlers.base import Handler, WorkContext, timeout_override
 from genesis_pgflow.messages import Failure, Outcome, Payload, ReadMessage, parse_payload, raw_identifiers
@@ -66,7 +72,8 @@ class Dispatcher:
         except (InvalidPayload, UnknownType) as exc:
             return self._outcome(message, "failed", started, error=exc)
         own_timeout = getattr(handler, "timeout_s", None)
-        timeout_s = (own_timeout(payload) if callable(own_timeout) else None) or timeout_override(payload) or self.timeout_s
+        timeout_s = ((own_timeout(payload) if callable(own_timeout) else None)
+                     or timeout_override(payload) or self.timeout_s)
         return Task(message, handler, payload, timeout_s, str(uuid.uuid4()), started)
 
     def context(self, task: Task, deadline: float) -> WorkContext:

@@ -7,7 +7,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -162,11 +162,11 @@ class ExperimentRequest(Payload):
 
 
 RequestPayload = Annotated[
-    Union[RuleUpdate, LlmConfigUpdate, CodeExecutionRequest, ExperimentRequest],
+    RuleUpdate | LlmConfigUpdate | CodeExecutionRequest | ExperimentRequest,
     Field(discriminator="type"),
 ]
 _PAYLOAD = TypeAdapter(RequestPayload)
-PAYLOAD_TYPES = {"genesis_rule_update", "genesis_llm_config_update", "code_execution_request", "genesis_experiment_request"}
+PAYLOAD_TYPES = {kind for kind, _results in QUEUES.values()}
 _ID_FIELDS = ("id", "experiment_id", "instance_id", "rule_id", "namespace", "provider", "complexity")
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from genesis_pgflow.messages import REQUEST_QUEUES
-
 
 ROOT_HOME = Path("/var/lib/genesis")
 
@@ -47,7 +47,8 @@ class Settings(BaseModel):
     # retries through the queue: base * 2**(attempt-1), capped, with full jitter
     retry_base_s: float = Field(default=2.0, ge=0)
     retry_max_s: float = Field(default=300.0, ge=0)
-    # lease (pgmq visibility timeout) held on in-flight messages, renewed every lease_s/3: a killed consumer's messages come back within lease_s
+    # lease (pgmq visibility timeout) held on in-flight messages, renewed every lease_s/3:
+    # a killed consumer's messages come back within lease_s
     lease_s: int = Field(default=10, ge=1)
     # grace period for in-flight work at shutdown
     shutdown_grace_s: float = Field(default=30.0, ge=0)
@@ -77,14 +78,14 @@ class Settings(BaseModel):
         return self.home / "sandboxes"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Flags (overrides, None meaning 'not given') over environment over defaults."""
         env = os.environ if env is None else env
         values: dict[str, object] = {"home": default_home(env)}
         dsn = env.get("GENESIS_DATABASE_URL") or env.get("DATABASE_URL")
         if dsn:
             values["dsn"] = dsn
-        for name, field in cls.model_fields.items():
+        for name in cls.model_fields:
             key = f"GENESIS_{name.upper()}"
             if name not in ("dsn", "home") and env.get(key):
                 values[name] = tuple(env[key].split(",")) if name == "queues" else env[key]

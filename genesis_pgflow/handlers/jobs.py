@@ -87,7 +87,8 @@ class JobExecutor:
         rich = ", ".join(f"{name} ({', '.join(types)})" for name, types in languages.items() if len(types) > 1)
         quality_only = ", ".join(name for name, types in languages.items() if types == ["quality"])
         if language in languages:
-            what = f"{analysis_type} is not available for {language} on this machine (only {', '.join(languages[language])})"
+            only = ", ".join(languages[language])
+            what = f"{analysis_type} is not available for {language} on this machine (only {only})"
         else:
             what = f"language {language!r} is not supported on this machine"
         return UnsupportedLanguage(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -64,14 +65,14 @@ class Database:
             check=ConnectionPool.check_connection, reconnect_timeout=retry_for_s,
         )
 
-    def open(self, wait_s: float = 10.0) -> "Database":
+    def open(self, wait_s: float = 10.0) -> Database:
         self.pool.open(wait=True, timeout=wait_s)
         return self
 
     def close(self) -> None:
         self.pool.close()
 
-    def __enter__(self) -> "Database":
+    def __enter__(self) -> Database:
         return self.open()
 
     def __exit__(self, *exc: Any) -> None:

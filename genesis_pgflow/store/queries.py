@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
@@ -38,7 +38,7 @@ def parse(text: str, source: str = "<sql>") -> dict[str, Query]:
     return queries
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(sql_dir: Path = SQL_DIR) -> dict[str, Query]:
     """Every named query of every file in sql/, loaded once."""
     queries: dict[str, Query] = {}

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from typing import Any, Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
 
 from genesis_pgflow.messages import (
-    QUEUES, Outcome, ReadMessage, dead_letter_queue, envelope, redact, result_queue,
+    QUEUES,
+    Outcome,
+    ReadMessage,
+    dead_letter_queue,
+    envelope,
+    redact,
+    result_queue,
 )
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.queries import sql

@@ -36,3 +36,10 @@ def test_sql_is_only_in_the_store():
         if re.search(r"\bimport psycopg\b|\bfrom psycopg\b", text):
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_ruff_is_clean():
+    ruff = Path(sys.executable).parent / "ruff"
+    run = subprocess.run([str(ruff), "check", "--no-cache", "genesis_pgflow", "tests", "benchmarks", "migrations"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -6,8 +6,18 @@ import pytest
 
 from genesis_pgflow.errors import InvalidPayload, UnknownType
 from genesis_pgflow.messages import (
-    REDACTED, CodeExecutionRequest, ExperimentRequest, Failure, LlmConfigUpdate, Outcome, ReadMessage, RuleUpdate,
-    all_queue_names, envelope, parse_payload, redact,
+    REDACTED,
+    CodeExecutionRequest,
+    ExperimentRequest,
+    Failure,
+    LlmConfigUpdate,
+    Outcome,
+    ReadMessage,
+    RuleUpdate,
+    all_queue_names,
+    envelope,
+    parse_payload,
+    redact,
 )
 
 RULE = {"type": "genesis_rule_update", "namespace": "ns", "rule_id": "r1", "version": 2, "confidence": 0.9,
