@@ -419,6 +419,10 @@ class ExperimentRunner:
                     ids: dict[str, str]) -> dict[str, Any]:
         workspace = attempt.workspace
         self._sandboxes_dir_ready()
+        if workspace.path.exists():   # left by an earlier attempt (a killed consumer, a retry): reaped, on record
+            self.records.sandbox_event(request.experiment_id, str(workspace.path), "cleaned_up",
+                                       size_bytes=workspace.size_bytes(),
+                                       detail=f"replaced by attempt {ctx.attempt}")
         try:
             attempt.baseline_commit = workspace.create(request.repo, request.base_ref,
                                                        timeout_s=self._check_time(ctx, attempt))
