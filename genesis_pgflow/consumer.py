@@ -9,7 +9,6 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from genesis_pgflow.dispatcher import Dispatcher, Task
@@ -22,32 +21,30 @@ log = logging.getLogger(__name__)
 
 
 class WorkerPool:
-    """A fixed number of daemon threads. Daemon, because a handler that never returns must not
-    keep the process alive after shutdown has given its message back."""
+    """A fixed number of daemon threads running jobs; each finished job is put on `done` for the
+    loop to collect. Daemon, because a handler that never returns must not keep the process alive
+    after shutdown has given its message back."""
 
-    def __init__(self, size: int, on_done: Callable[[], None]):
+    def __init__(self, size: int, run: Callable[[Job], None], on_done: Callable[[], None]):
         self._jobs: queue_module.SimpleQueue = queue_module.SimpleQueue()
+        self.done: queue_module.SimpleQueue = queue_module.SimpleQueue()
+        self._run = run
         self._on_done = on_done
         self._threads = [threading.Thread(target=self._work, name=f"genesis-worker-{i}", daemon=True)
                          for i in range(size)]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, fn: Callable[..., Outcome], *args: object) -> Future:
-        future: Future = Future()
-        self._jobs.put((future, fn, args))
-        return future
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
 
     def _work(self) -> None:
         while True:
-            item = self._jobs.get()
-            if item is None:
+            job = self._jobs.get()
+            if job is None:
                 return
-            future, fn, args = item
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to the loop, which classifies it
-                future.set_exception(exc)
+            self._run(job)
+            self.done.put(job)
             self._on_done()
 
     def stop(self) -> None:
@@ -61,9 +58,10 @@ class Job:
 
     task: Task
     ctx: WorkContext
-    future: Future | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    outcome: Outcome | None = None          # None: cancelled before it started
+    error: BaseException | None = None      # what the dispatcher itself raised, if anything
 
     @property
     def key(self) -> tuple[str, int]:
@@ -95,6 +93,7 @@ class Stats:
 
 PeriodicJob = tuple[str, float, Callable[[], object]]
 LISTEN_SLICE_S = 0.5
+DEADLINE_SCAN_S = 0.02      # how often running jobs are checked against their deadlines
 
 
 class Consumer:
@@ -109,7 +108,7 @@ class Consumer:
         self.periodic = list(periodic)
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
-        self.pool = WorkerPool(options.parallel, self.wakeup.set)
+        self.pool = WorkerPool(options.parallel, self._execute, self.wakeup.set)
         self.running: dict[tuple[str, int], Job] = {}
         self.overrun: set[Job] = set()      # timed out, thread not yet returned: the slot stays counted
         self.finals: list[Outcome] = []     # to complete (result + archive + run) in one transaction
@@ -120,6 +119,7 @@ class Consumer:
         self._pending_since = 0.0
         self._listener: threading.Thread | None = None
         self._pace: dict[str | None, float] = {}   # payload type -> moving average of handler seconds
+        self._deadline_scan_at = 0.0
 
     # --- the three steps ------------------------------------------------------------------
 
@@ -164,39 +164,49 @@ class Consumer:
         ctx = self.dispatcher.context(prepared, float("inf"))
         ctx.monotonic = self.monotonic
         job = Job(prepared, ctx)
-        job.future = self.pool.submit(self._execute, job)
         self.running[job.key] = job
+        self.pool.submit(job)
 
-    def _execute(self, job: Job) -> Outcome | None:
+    def _execute(self, job: Job) -> None:
         """In a worker thread: the deadline starts now; a job cancelled before it started does not run."""
         if job.ctx.cancelled.is_set():
-            return None
+            return
         job.started_at = self.monotonic()
         job.ctx.deadline = job.started_at + job.task.timeout_s
         try:
-            return self.dispatcher.execute(job.task, job.ctx)
+            job.outcome = self.dispatcher.execute(job.task, job.ctx)
+        except BaseException as exc:  # noqa: BLE001 - classified by the loop
+            job.error = exc
         finally:
             job.finished_at = self.monotonic()
 
     def collect(self) -> None:
         """Take the outcomes of finished jobs; time out jobs past their deadline."""
-        now = self.monotonic()
-        for key, job in list(self.running.items()):
-            if job.future.done():
-                del self.running[key]
+        while True:
+            try:
+                job = self.pool.done.get_nowait()
+            except queue_module.Empty:
+                break
+            if job in self.overrun:              # a late return after its timeout: discarded
+                self.overrun.discard(job)
+            elif self.running.get(job.key) is job:
+                del self.running[job.key]
                 self._learn_pace(job)
-                error = job.future.exception()
-                outcome = self.dispatcher.transient(job.task, error) if error else job.future.result()
+                outcome = self.dispatcher.transient(job.task, job.error) if job.error else job.outcome
                 if outcome is not None:          # None: cancelled before it started, given back
                     self._route(outcome)
-            elif now >= job.ctx.deadline:
+        now = self.monotonic()
+        if now < self._deadline_scan_at:
+            return
+        self._deadline_scan_at = now + DEADLINE_SCAN_S
+        for key, job in list(self.running.items()):
+            if now >= job.ctx.deadline:
                 # Reported at once; the thread keeps its slot until it returns, and what it
                 # returns then is discarded.
                 job.ctx.cancelled.set()
                 del self.running[key]
                 self.overrun.add(job)
                 self._route(self.dispatcher.timed_out(job.task))
-        self.overrun = {job for job in self.overrun if not job.future.done()}
 
     def _learn_pace(self, job: Job) -> None:
         if job.started_at is None or job.finished_at is None:
