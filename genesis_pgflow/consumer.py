@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from genesis_pgflow.dispatcher import Dispatcher, Task
 from genesis_pgflow.handlers.base import WorkContext
 from genesis_pgflow.messages import QUEUES, Outcome, ReadMessage
-from genesis_pgflow.store.database import StoreError
+from genesis_pgflow.store.database import StoreError, is_transient
 from genesis_pgflow.store.queue import QueueStore
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,12 @@ class Consumer:
     def complete(self) -> None:
         """Write what collect gathered: final outcomes in one transaction, retries in another."""
         if self.finals:
-            applied = self.store.complete(self.finals)
+            try:
+                applied = self.store.complete(self.finals)
+            except StoreError as exc:
+                if is_transient(exc):
+                    raise
+                applied = self._complete_one_by_one(exc)
             if len(applied) != len(self.finals):
                 log.warning("%d message(s) were finished elsewhere (lease lost); their results were not sent",
                             len(self.finals) - len(applied))
@@ -229,6 +234,21 @@ class Consumer:
             self.store.retry(self.retries)
             self._count(self.retries)
             self.retries = []
+
+    def _complete_one_by_one(self, batch_error: Exception) -> list[Outcome]:
+        """A batch the database refused (not an outage): find the outcome it refuses and answer
+        that request with a failure it can store, so one bad result never blocks the others."""
+        log.error("the database refused a batch of %d outcome(s) (%s); completing them one by one",
+                  len(self.finals), batch_error)
+        applied: list[Outcome] = []
+        for outcome in self.finals:
+            try:
+                applied += self.store.complete([outcome])
+            except StoreError as exc:
+                if is_transient(exc):
+                    raise
+                applied += self.store.complete([self.dispatcher.unstorable(outcome, exc)])
+        return applied
 
     def renew_leases(self, force: bool = False) -> None:
         """Keep the messages of live jobs invisible to other consumers while they run."""
@@ -310,6 +330,8 @@ class Consumer:
                     fetched = self.run_once(wait_s=self.poll_wait_s())
                     failures = 0
                 except StoreError as exc:  # the store already retried briefly; keep state, back off
+                    if not is_transient(exc):
+                        raise              # a bug, not an outage: exit 1 rather than retry forever
                     failures += 1
                     self.stats.store_errors += 1
                     delay = min(30.0, 0.5 * 2 ** min(failures, 6)) * (0.5 + self.rand() / 2)

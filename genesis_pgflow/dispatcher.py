@@ -15,6 +15,7 @@ from genesis_pgflow.errors import (
     InvalidPayload,
     MaxAttemptsExceeded,
     PermanentError,
+    ResultNotStorable,
     UnknownType,
     WorkflowTimeout,
 )
@@ -98,6 +99,13 @@ class Dispatcher:
         error = WorkflowTimeout(f"the handler ran past its timeout of {task.timeout_s:g} s",
                                 details={"timeout_ms": round(task.timeout_s * 1000), **task.payload.identifiers()})
         return self._outcome(task.message, "failed", task.started_at, error=error, task=task)
+
+    def unstorable(self, outcome: Outcome, exc: BaseException) -> Outcome:
+        """The same request failed instead, when the database refused to store its outcome."""
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        error = ResultNotStorable(f"the outcome of this request could not be stored: {first}",
+                                  details={**raw_identifiers(outcome.message.body), "outcome": outcome.kind})
+        return self._outcome(outcome.message, "failed", outcome.started_at, error=error)
 
     def transient(self, task: Task, exc: BaseException) -> Outcome:
         """A failure that may pass: retry after a backoff, or dead-letter on the last attempt."""

@@ -76,6 +76,12 @@ class MaxAttemptsExceeded(PermanentError):
     code = "max_attempts_exceeded"
 
 
+class ResultNotStorable(PermanentError):
+    """The database refused to store the outcome of this request."""
+
+    code = "result_not_storable"
+
+
 class LowConfidence(PermanentError):
     """The rule's confidence is below the configured minimum."""
 

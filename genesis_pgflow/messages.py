@@ -50,11 +50,15 @@ def is_secret_name(name: str) -> bool:
 
 
 def redact(value: Any) -> Any:
-    """A copy of value with every field named like a secret replaced by a marker."""
+    """A copy of value with every field named like a secret replaced by a marker, and NUL
+    characters (which PostgreSQL's jsonb cannot hold) replaced by U+FFFD."""
     if isinstance(value, dict):
-        return {k: (REDACTED if is_secret_name(str(k)) else redact(v)) for k, v in value.items()}
+        return {redact(k) if isinstance(k, str) else k: (REDACTED if is_secret_name(str(k)) else redact(v))
+                for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
     return value
 
 
@@ -232,7 +236,7 @@ class Failure:
     details: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "details": redact(self.details)}
+        return redact({"code": self.code, "message": self.message, "details": self.details})
 
 
 @dataclass(frozen=True)

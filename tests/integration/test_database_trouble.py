@@ -71,3 +71,33 @@ def test_killing_the_consumers_connections_repeatedly_loses_nothing(db_dsn):
     assert _sql(db_dsn, f"SELECT count(*) FROM pgmq.q_{Q}")[0][0] == 0
     statuses = dict(_sql(db_dsn, "SELECT status, count(*) FROM genesis.workflow_runs GROUP BY status"))
     assert statuses == {"completed": n}
+
+
+class NotANumber:
+    payload_type = "genesis_rule_update"
+
+    def __call__(self, payload, ctx):
+        return {"rule_id": payload.rule_id, "score": float("nan") if payload.rule_id == "r3" else 1.0}
+
+
+def test_an_outcome_the_database_refuses_fails_alone_and_the_batch_goes_through(db_dsn):
+    for i in range(6):
+        _sql(db_dsn, "SELECT pgmq.send(%s, %s::jsonb)",
+             (Q, f'{{"type":"genesis_rule_update","namespace":"n","rule_id":"r{i}","confidence":0.9,"rule":{{}}}}'))
+    db = Database(db_dsn, max_size=4).open()
+    store = PgQueueStore(db, "refused:1")
+    dispatcher = Dispatcher({"genesis_rule_update": NotANumber()}, timeout_s=30, max_attempts=3,
+                            retry_base_s=0.1, retry_max_s=1)
+    consumer = Consumer(store, dispatcher, ConsumerOptions(queues=(Q,), parallel=4, batch_size=10,
+                                                           poll_interval_s=0.05, drain=True))
+    try:
+        consumer.run()
+    finally:
+        store.close()
+        db.close()
+    rows = _sql(db_dsn, f"SELECT message->'request'->>'msg_id', message->>'status', message->'error'->>'code', "
+                        f"message->'error'->'details'->>'rule_id' FROM pgmq.q_{RESULTS} ORDER BY 1")
+    assert len(rows) == 6
+    refused = [r for r in rows if r[1] == "failed"]
+    assert [(r[2], r[3]) for r in refused] == [("result_not_storable", "r3")]
+    assert _sql(db_dsn, f"SELECT count(*) FROM pgmq.q_{Q}")[0][0] == 0

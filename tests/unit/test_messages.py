@@ -107,3 +107,12 @@ def test_envelope_of_a_failure_and_of_a_success():
     done = Outcome(msg, "completed", t0, t0, result={"status": "applied", "api_key": "k"})
     assert envelope(done, "h")["result"] == {"status": "applied", "api_key": REDACTED}
     assert envelope(done, "h")["error"] is None
+
+
+def test_nul_characters_which_jsonb_cannot_hold_are_replaced():
+    t0 = dt.datetime(2026, 11, 21, 10, 0, tzinfo=dt.timezone.utc)
+    msg = ReadMessage("code_execution_requests", 1, 1, t0, {"type": "code_execution_request"})
+    done = Outcome(msg, "completed", t0, t0, result={"output": "a\x00b", "k\x00": ["\x00"]})
+    assert envelope(done, "h")["result"] == {"output": "a\ufffdb", "k\ufffd": ["\ufffd"]}
+    failed = Outcome(msg, "failed", t0, t0, error=Failure("x", "bad \x00 byte"))
+    assert envelope(failed, "h")["error"]["message"] == "bad \ufffd byte"
