@@ -28,7 +28,7 @@ run: install ## run the consumer (no DSN configured: the embedded PostgreSQL und
 test: install system-deps ## run every test tier (unit, conformance, integration, acceptance)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-unit: install ## only the tests that need no database and no sandbox
+test-unit: install system-deps ## only the tests that need no database and no sandbox
 	$(BIN)/pytest tests/unit -m "not db and not sandbox" $(PYTEST_ARGS)
 
 bench: install ## measure throughput: raw pgmq pipeline vs the consumer, in one run
