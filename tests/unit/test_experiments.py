@@ -32,6 +32,8 @@ from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.experiments import MemoryExperimentRecords
 from genesis_pgflow.workspace import RepoState, repo_state
 
+from .gitrepos import git, make_repo
+
 CALC = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n"
 UNIT_TESTS = (
     "from calc import add, mul\n\n"
@@ -122,14 +124,6 @@ def test_selection_prefers_paths_then_markers(tmp_path: Path) -> None:
 # --- whole experiments ------------------------------------------------------------------------
 
 
-def git(repo: Path, *args: str) -> str:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(repo.parent), "GIT_CONFIG_NOSYSTEM": "1",
-           "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    return subprocess.run(["git", "-c", "init.defaultBranch=main", *args], cwd=repo, env=env, check=True,
-                          capture_output=True, text=True).stdout
-
-
 class Repos:
     """Builds original repositories; at teardown every one must be as it was built."""
 
@@ -138,15 +132,7 @@ class Repos:
         self.built: dict[Path, RepoState] = {}
 
     def make(self, name: str = "source", files: dict[str, str] = BASE_FILES) -> Path:
-        repo = self.root / name
-        repo.mkdir(parents=True)
-        git(repo, "init", "-q")
-        for path, content in files.items():
-            (repo / path).parent.mkdir(parents=True, exist_ok=True)
-            (repo / path).write_text(content)
-        git(repo, "add", "-A")
-        git(repo, "commit", "-qm", "base")
-        return repo
+        return make_repo(self.root / name, files)
 
     def seal(self, repo: Path) -> Path:
         self.built[repo] = repo_state(repo)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,9 @@ from genesis_pgflow.workspace import (
     repo_state,
 )
 
+from .gitrepos import git as plain_git
+from .gitrepos import make_repo as build_repo
+
 BASE_FILES = {
     "calc.py": "def add(a, b):\n    return a + b\n",
     "tests/unit/test_calc.py": "from calc import add\n\ndef test_add():\n    assert add(1, 2) == 3\n",
@@ -25,24 +27,8 @@ BASE_FILES = {
 }
 
 
-def plain_git(repo: Path, *args: str) -> str:
-    """The test's own git (it builds repositories; it never touches a sandbox)."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(repo.parent), "GIT_CONFIG_NOSYSTEM": "1",
-           "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    return subprocess.run(["git", "-c", "init.defaultBranch=main", *args], cwd=repo, env=env, check=True,
-                          capture_output=True, text=True).stdout
-
-
 def make_repo(path: Path, files: dict[str, str] = BASE_FILES) -> Path:
-    path.mkdir(parents=True)
-    plain_git(path, "init", "-q")
-    for name, content in files.items():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        (path / name).write_text(content)
-    plain_git(path, "add", "-A")
-    plain_git(path, "commit", "-qm", "base")
-    return path
+    return build_repo(path, files)
 
 
 def arm_traps(repo: Path, marker: Path) -> None:
