@@ -47,6 +47,19 @@ class WorkerPool:
             self.done.put(job)
             self._on_done()
 
+    def report(self) -> None:
+        """Every report_every_s, one log line of what was done since the last one."""
+        now = self.monotonic()
+        if not self.options.report_every_s or now < self._next_report:
+            return
+        self._next_report = now + self.options.report_every_s
+        since = self.stats.outcomes - self._reported
+        self._reported = Counter(self.stats.outcomes)
+        if since or self.running:
+            log.info("last %.0f s: %s; %d in flight", self.options.report_every_s,
+                     ", ".join(f"{n} {kind}" for kind, n in sorted(since.items())) or "nothing finished",
+                     len(self.running) + len(self.overrun))
+
     def stop(self) -> None:
         for _ in self._threads:
             self._jobs.put(None)
@@ -82,6 +95,8 @@ class ConsumerOptions:
     # messages are leased ahead of a free worker only when, at the handlers' measured pace,
     # they will start within this many seconds (so slow workflows are never hoarded)
     prefetch_horizon_s: float = 0.5
+    # how often the loop logs what it did since the last report (0: never)
+    report_every_s: float = 60.0
 
 
 @dataclass
@@ -120,6 +135,8 @@ class Consumer:
         self._listener: threading.Thread | None = None
         self._pace: dict[str | None, float] = {}   # payload type -> moving average of handler seconds
         self._deadline_scan_at = 0.0
+        self._next_report = monotonic() + options.report_every_s
+        self._reported: Counter = Counter()
 
     # --- the three steps ------------------------------------------------------------------
 
@@ -329,6 +346,7 @@ class Consumer:
                 try:
                     fetched = self.run_once(wait_s=self.poll_wait_s())
                     failures = 0
+                    self.report()
                 except StoreError as exc:  # the store already retried briefly; keep state, back off
                     if not is_transient(exc):
                         raise              # a bug, not an outage: exit 1 rather than retry forever

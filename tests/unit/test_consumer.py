@@ -295,3 +295,16 @@ def test_a_handler_default_timeout_beats_the_consumer_default(store, clock):
     [timed_out] = results(store)
     assert timed_out["error"]["code"] == "timeout" and timed_out["error"]["details"]["timeout_ms"] == 50000
     gate.release.set()
+
+
+def test_a_periodic_report_says_what_was_done(store, clock, caplog):
+    store.send(Q, rule(1))
+    store.send(Q, [1])
+    consumer = make(store, clock, Handler())
+    settle(consumer, lambda: len(results(store)) == 2)
+    with caplog.at_level("INFO", logger="genesis_pgflow.consumer"):
+        consumer.report()
+        assert caplog.messages == []
+        clock.advance(60)
+        consumer.report()
+    assert caplog.messages == ["last 60 s: 1 completed, 1 failed; 0 in flight"]
