@@ -47,19 +47,6 @@ class WorkerPool:
             self.done.put(job)
             self._on_done()
 
-    def report(self) -> None:
-        """Every report_every_s, one log line of what was done since the last one."""
-        now = self.monotonic()
-        if not self.options.report_every_s or now < self._next_report:
-            return
-        self._next_report = now + self.options.report_every_s
-        since = self.stats.outcomes - self._reported
-        self._reported = Counter(self.stats.outcomes)
-        if since or self.running:
-            log.info("last %.0f s: %s; %d in flight", self.options.report_every_s,
-                     ", ".join(f"{n} {kind}" for kind, n in sorted(since.items())) or "nothing finished",
-                     len(self.running) + len(self.overrun))
-
     def stop(self) -> None:
         for _ in self._threads:
             self._jobs.put(None)
@@ -365,6 +352,19 @@ class Consumer:
                         self.wakeup.wait(self.poll_wait_s())
         finally:
             self.shutdown()
+
+    def report(self) -> None:
+        """Every report_every_s, one log line of what was done since the last one."""
+        now = self.monotonic()
+        if not self.options.report_every_s or now < self._next_report:
+            return
+        self._next_report = now + self.options.report_every_s
+        since = self.stats.outcomes - self._reported
+        self._reported = Counter(self.stats.outcomes)
+        if since or self.running:
+            log.info("last %.0f s: %s; %d in flight", self.options.report_every_s,
+                     ", ".join(f"{n} {kind}" for kind, n in sorted(since.items())) or "nothing finished",
+                     len(self.running) + len(self.overrun))
 
     def stop(self) -> None:
         """Stop reading; in-flight work finishes (or is given back) in shutdown()."""
