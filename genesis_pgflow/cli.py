@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from genesis_pgflow import maintenance, metrics
 from genesis_pgflow.app import App
 from genesis_pgflow.errors import ConfigurationError
-from genesis_pgflow.messages import QUEUES, REQUEST_QUEUES, all_queue_names, redact
+from genesis_pgflow.messages import REQUEST_QUEUES, all_queue_names, redact
 from genesis_pgflow.settings import Settings
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
@@ -261,5 +261,3 @@ def _admin(app: App, args: argparse.Namespace, body: Any) -> int:
             "another process is cleaning up right now; nothing done")
     return EXIT_OK
 
-
-__all__ = ["consume_main", "admin_main", "QUEUES"]

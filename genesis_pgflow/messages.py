@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -281,6 +280,3 @@ def envelope(outcome: Outcome, consumer: str) -> dict[str, Any]:
         "consumer": consumer,
     }
 
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)

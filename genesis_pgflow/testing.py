@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from genesis_pgflow.messages import (
-    QUEUES,
     Outcome,
     ReadMessage,
     all_queue_names,
@@ -233,4 +232,4 @@ class MemoryStateStore:
                     if h and provider in (None, p)]
 
 
-__all__ = ["QUEUES", "FakeClock", "MemoryQueueStore", "MemoryStateStore", "wait_until"]
+__all__ = ["FakeClock", "MemoryQueueStore", "MemoryStateStore", "wait_until"]
