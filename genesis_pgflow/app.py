@@ -32,6 +32,13 @@ def resolve_dsn(settings: Settings) -> str:
     return settings.dsn or embedded_dsn(settings.home)
 
 
+def upgrade_database(settings: Settings) -> schema.UpgradeReport:
+    """`genesis db upgrade`: the configured (or embedded) database brought to the current schema."""
+    dsn = resolve_dsn(settings)
+    check_reachable(dsn)
+    return schema.upgrade(dsn)
+
+
 def build_handlers(settings: Settings, state: StateStore, experiments: ExperimentRecords) -> dict[str, Handler]:
     """type -> handler; a new workflow plugs in here, not in the consumer."""
     sandbox = Sandbox()

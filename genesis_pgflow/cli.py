@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from genesis_pgflow import maintenance, metrics
-from genesis_pgflow.app import App
+from genesis_pgflow.app import App, upgrade_database
 from genesis_pgflow.errors import ConfigurationError
 from genesis_pgflow.messages import REQUEST_QUEUES, all_queue_names, redact
 from genesis_pgflow.settings import Settings
@@ -193,13 +193,7 @@ def admin_main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env(dsn=args.dsn)
         setup_logging(settings.log_format, "WARNING")
         if args.command == "db":
-            from genesis_pgflow.app import resolve_dsn
-            from genesis_pgflow.store import schema
-            from genesis_pgflow.store.database import check_reachable
-
-            dsn = resolve_dsn(settings)
-            check_reachable(dsn)
-            report = schema.upgrade(dsn)
+            report = upgrade_database(settings)
             print(f"pgmq: {report.pgmq}; queues created: {len(report.queues_created)}; "
                   f"genesis schema: {report.revision_before or 'none'} -> {report.revision_after}")
             return EXIT_OK
