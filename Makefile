@@ -34,7 +34,9 @@ test-unit: install system-deps ## only the tests that need no database and no sa
 bench: install ## measure throughput: raw pgmq pipeline vs the consumer, in one run
 	$(BIN)/python -m benchmarks.throughput $(ARGS)
 
-lint: install ## the import layers contract
+lint: install ## ruff, mypy and the import layers contract
+	$(BIN)/ruff check genesis_pgflow tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 clean: ## remove the virtualenv and caches

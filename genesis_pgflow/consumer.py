@@ -26,8 +26,8 @@ class WorkerPool:
     after shutdown has given its message back."""
 
     def __init__(self, size: int, run: Callable[[Job], None], on_done: Callable[[], None]):
-        self._jobs: queue_module.SimpleQueue = queue_module.SimpleQueue()
-        self.done: queue_module.SimpleQueue = queue_module.SimpleQueue()
+        self._jobs: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
+        self.done: queue_module.SimpleQueue[Job] = queue_module.SimpleQueue()
         self._run = run
         self._on_done = on_done
         self._threads = [threading.Thread(target=self._work, name=f"genesis-worker-{i}", daemon=True)

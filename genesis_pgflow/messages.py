@@ -173,7 +173,7 @@ PAYLOAD_TYPES = {kind for kind, _results in QUEUES.values()}
 _ID_FIELDS = ("id", "experiment_id", "instance_id", "rule_id", "namespace", "provider", "complexity")
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Any) -> str:
     loc = ".".join(str(part) for part in error["loc"] if part not in PAYLOAD_TYPES) or "payload"
     message = error["msg"]
     if message.startswith("Value error, "):

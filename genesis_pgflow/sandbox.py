@@ -48,7 +48,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -181,7 +181,7 @@ class Sandbox:
             return False
         return True
 
-    def run(self, argv: Sequence[str], *, files: dict[str, str | bytes] | None = None,
+    def run(self, argv: Sequence[str], *, files: Mapping[str, str | bytes] | None = None,
             writable: Path | None = None, cwd: str = ".", env: dict[str, str] | None = None,
             ro_paths: Sequence[Path] = (), limits: Limits | None = None,
             timeout_s: float | None = None, cancelled: threading.Event | None = None) -> SandboxResult:
@@ -247,7 +247,7 @@ class Sandbox:
             command += ["--setenv", name, value]
         return command + ["--remount-ro", "/", "--", *inner]
 
-    def _mounts(self, files: dict[str, str | bytes], writable: Path | None, uid: int, ro_paths: list[Path],
+    def _mounts(self, files: Mapping[str, str | bytes], writable: Path | None, uid: int, ro_paths: list[Path],
                 tmpfs_bytes: int, fds: list[int], stack: ExitStack) -> list[str]:
         """bwrap's mount arguments; the files' descriptors go to fds, kept open by stack."""
         mounts: list[str] = []

@@ -90,4 +90,4 @@ class Settings(BaseModel):
             if name not in ("dsn", "home") and env.get(key):
                 values[name] = tuple(env[key].split(",")) if name == "queues" else env[key]
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return cls.model_validate(values)

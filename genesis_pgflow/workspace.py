@@ -252,7 +252,7 @@ def remove_tree(path: Path) -> None:
     if not path.exists():
         return
 
-    def make_writable_and_retry(function, failed_path, _exc_info):  # type: ignore[no-untyped-def]
+    def make_writable_and_retry(function, failed_path, _exc_info):
         parent = os.path.dirname(failed_path)
         os.chmod(parent, stat.S_IRWXU)
         if not os.path.islink(failed_path) and os.path.isdir(failed_path):

@@ -148,7 +148,7 @@ def linting(code: str, tools: Toolchain, *, extension: str) -> Analysis:
 
 
 def security(code: str, tools: Toolchain, *, extension: str) -> Analysis:
-    issues = [Issue(**found) for found in _helper(code, "security", f"code.{extension}", tools)]  # type: ignore[union-attr]
+    issues = [Issue(**found) for found in _helper(code, "security", f"code.{extension}", tools)]  # type: ignore[attr-defined]
     return Analysis(issues, issues_score(issues))
 
 

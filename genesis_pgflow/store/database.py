@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
@@ -19,10 +19,20 @@ T = TypeVar("T")
 
 # What the store raises when the database fails it (after its own brief retries).
 StoreError = psycopg.Error
+# A pooled connection: rows come back as dicts.
+Conn = psycopg.Connection[DictRow]
 
 # errors after which the same statement may well succeed on a fresh connection
 _TRANSIENT = (psycopg.OperationalError, psycopg.errors.SerializationFailure,
               psycopg.errors.DeadlockDetected, PoolTimeout)
+
+
+def one(cursor: psycopg.Cursor[Any]) -> Any:
+    """The row of a query that always returns exactly one (an aggregate, a function call)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise psycopg.DataError("the query returned no row")
+    return row
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -59,7 +69,7 @@ class Database:
                  name: str = "genesis"):
         self.dsn = dsn
         self.retry_for_s = retry_for_s
-        self.pool = ConnectionPool(
+        self.pool: ConnectionPool[Conn] = ConnectionPool(
             dsn, min_size=min_size, max_size=max_size, open=False, name=name,
             kwargs={"row_factory": dict_row, "autocommit": False},
             check=ConnectionPool.check_connection, reconnect_timeout=retry_for_s,
@@ -84,10 +94,11 @@ class Database:
             wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
             stop=stop_after_delay(self.retry_for_s) | stop_after_attempt(50),
             reraise=True,
-            before_sleep=lambda state: log.warning("database error, retrying: %s", state.outcome.exception()),
+            before_sleep=lambda state: log.warning("database error, retrying: %s",
+                                                   state.outcome.exception() if state.outcome else "?"),
         )
 
-    def run(self, fn: Callable[[psycopg.Connection], T]) -> T:
+    def run(self, fn: Callable[[Conn], T]) -> T:
         """fn(conn) in one transaction; the whole transaction is retried on a transient error."""
         for attempt in self._retrying():
             with attempt:
@@ -97,6 +108,6 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
+    def connection(self) -> Iterator[Conn]:
         with self.pool.connection(timeout=self.retry_for_s) as conn:
             yield conn

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.types.json import Jsonb
 
-from genesis_pgflow.store.database import Database
+from genesis_pgflow.store.database import Conn, Database, one
 from genesis_pgflow.store.queries import sql
 
 SANDBOX_EVENTS = ("created", "rolled_back", "preserved", "cleaned_up", "integrity_ok", "integrity_failed")
@@ -177,7 +177,7 @@ class PgExperimentRecords:
         return [with_metrics(row) for row in rows]
 
     def show_experiment(self, experiment_id: str) -> dict[str, Any] | None:
-        def tx(conn: psycopg.Connection) -> dict[str, Any] | None:
+        def tx(conn: Conn) -> dict[str, Any] | None:
             row = conn.execute(sql("experiment_get"), {"experiment_id": experiment_id}).fetchone()
             if row is None:
                 return None
@@ -200,7 +200,7 @@ class PgExperimentRecords:
         with self.db.connection() as conn:
             conn.autocommit = True
             try:
-                locked = bool(conn.execute(sql("maintenance_try_lock"), {"job": job}).fetchone()["locked"])
+                locked = bool(one(conn.execute(sql("maintenance_try_lock"), {"job": job}))["locked"])
                 try:
                     yield locked
                 finally:
@@ -217,7 +217,7 @@ class PgExperimentRecords:
         # the connection if this process dies.
         with psycopg.connect(self.db.dsn, autocommit=True, connect_timeout=10) as conn:
             for slot in range(limit):
-                if conn.execute(sql("experiment_slot_try_lock"), {"slot": slot}).fetchone()[0]:
+                if one(conn.execute(sql("experiment_slot_try_lock"), {"slot": slot}))[0]:
                     try:
                         yield True
                     finally:
@@ -250,7 +250,7 @@ class MemoryExperimentRecords:
     def experiment_started(self, start: ExperimentStart) -> None:
         with self._mutex:
             previous = self.experiments.get(start.experiment_id)
-            row = {name: None for name in EXPERIMENT_COLUMNS}
+            row: dict[str, Any] = {name: None for name in EXPERIMENT_COLUMNS}
             row.update(asdict(start), status="running", rolled_back=False, started_at=self.now(),
                        attempts=(previous["attempts"] + 1) if previous else 1)
             self.experiments[start.experiment_id] = row

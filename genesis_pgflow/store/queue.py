@@ -20,7 +20,7 @@ from genesis_pgflow.messages import (
     redact,
     result_queue,
 )
-from genesis_pgflow.store.database import Database
+from genesis_pgflow.store.database import Conn, Database, one
 from genesis_pgflow.store.queries import sql
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _final_runs(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
 
 
 def _table(query: str, table: str) -> pgsql.Composed:
-    return pgsql.SQL(sql(query)).format(table=pgsql.Identifier(table))  # type: ignore[arg-type]
+    return pgsql.SQL(sql(query)).format(table=pgsql.Identifier(table))
 
 
 class PgQueueStore:
@@ -104,7 +104,7 @@ class PgQueueStore:
             return []
         return self.db.run(lambda conn: self._complete(conn, outcomes))
 
-    def _complete(self, conn: psycopg.Connection, outcomes: Sequence[Outcome]) -> list[Outcome]:
+    def _complete(self, conn: Conn, outcomes: Sequence[Outcome]) -> list[Outcome]:
         applied: list[Outcome] = []
         for queue, items in _group(outcomes).items():
             ids = [o.message.msg_id for o in items]
@@ -126,7 +126,7 @@ class PgQueueStore:
         return applied
 
     def retry(self, outcomes: Sequence[Outcome]) -> None:
-        def tx(conn: psycopg.Connection) -> None:
+        def tx(conn: Conn) -> None:
             for queue, items in _group(outcomes).items():
                 params = {"queue": queue, "msg_ids": [o.message.msg_id for o in items],
                           "delays": [o.retry_after_s for o in items],
@@ -147,7 +147,7 @@ class PgQueueStore:
             return
         params = {"queue": queue, "msg_ids": list(msg_ids), "lease_s": 0}
 
-        def tx(conn: psycopg.Connection) -> None:
+        def tx(conn: Conn) -> None:
             conn.execute(sql("extend_leases"), params)
             conn.execute(sql("release_runs"), params)
         self.db.run(tx)
@@ -187,15 +187,15 @@ class PgQueueStore:
     # --- producers and operators ----------------------------------------------------------
 
     def send(self, queue: str, body: Any) -> int:
-        return self.db.run(lambda conn: conn.execute(sql("send_one"), {"queue": queue, "message": Jsonb(body)})
-                           .fetchone()["msg_id"])
+        params = {"queue": queue, "message": Jsonb(body)}
+        return self.db.run(lambda conn: one(conn.execute(sql("send_one"), params))["msg_id"])
 
     def depth(self, queues: Sequence[str]) -> int:
-        return self.db.run(lambda conn: conn.execute(sql("total_depth"), {"queues": list(queues)}).fetchone()["depth"])
+        return self.db.run(lambda conn: one(conn.execute(sql("total_depth"), {"queues": list(queues)}))["depth"])
 
     def status(self) -> dict[str, Any]:
         """Per queue: depth, in flight, oldest age, archived, dead-lettered; per type: outcomes."""
-        def tx(conn: psycopg.Connection) -> dict[str, Any]:
+        def tx(conn: Conn) -> dict[str, Any]:
             metrics = {r["queue_name"]: r for r in conn.execute(sql("queue_metrics"))}
             counts: dict[str, Counter] = defaultdict(Counter)
             types: dict[str, Counter] = defaultdict(Counter)
@@ -205,7 +205,7 @@ class PgQueueStore:
             queues = {}
             for queue, (kind, results) in QUEUES.items():
                 m = metrics.get(queue, {})
-                archived = conn.execute(_table("count_archived", f"a_{queue}")).fetchone()["count"]
+                archived = one(conn.execute(_table("count_archived", f"a_{queue}")))["count"]
                 queues[queue] = {
                     "type": kind,
                     "depth": m.get("queue_length", 0),
@@ -232,12 +232,12 @@ class PgQueueStore:
         """Send dead letters back to their request queue as new messages; returns (old, new) ids."""
         dlq = dead_letter_queue(queue)
 
-        def tx(conn: psycopg.Connection) -> list[tuple[int, int]]:
+        def tx(conn: Conn) -> list[tuple[int, int]]:
             rows = conn.execute(_table("take_dead_letters", f"q_{dlq}"),
                                 {"all": not msg_ids, "msg_ids": list(msg_ids)}).fetchall()
             moved = []
             for row in rows:
-                new_id = conn.execute(sql("send_one"), {"queue": queue, "message": Jsonb(row["message"])}).fetchone()
+                new_id = one(conn.execute(sql("send_one"), {"queue": queue, "message": Jsonb(row["message"])}))
                 conn.execute(sql("archive_one"), {"queue": dlq, "msg_id": row["msg_id"]})
                 moved.append((row["msg_id"], new_id["msg_id"]))
             return moved

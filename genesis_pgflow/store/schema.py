@@ -15,10 +15,11 @@ from sqlalchemy.pool import NullPool
 
 from genesis_pgflow.errors import SchemaBehind
 from genesis_pgflow.messages import REQUEST_QUEUES, all_queue_names
+from genesis_pgflow.store.database import one
 from genesis_pgflow.store.queries import sql
 
 log = logging.getLogger(__name__)
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 UPGRADE_LOCK = "genesis_pgflow.upgrade"
 NOTIFY_THROTTLE_MS = 0
 
@@ -44,16 +45,16 @@ def head_revision() -> str:
 
 
 def _current_revision(conn: psycopg.Connection) -> str | None:
-    if not conn.execute(sql("schema_version_table_exists")).fetchone()[0]:
+    if not one(conn.execute(sql("schema_version_table_exists")))[0]:
         return None
     row = conn.execute(sql("schema_revision")).fetchone()
     return None if row is None or row[0] is None else row[0]
 
 
 def _ensure_pgmq(conn: psycopg.Connection) -> str:
-    if conn.execute(sql("pgmq_schema_exists")).fetchone()[0]:
+    if one(conn.execute(sql("pgmq_schema_exists")))[0]:
         return "present"
-    if conn.execute(sql("pgmq_extension_available")).fetchone()[0]:
+    if one(conn.execute(sql("pgmq_extension_available")))[0]:
         with conn.transaction():
             conn.execute("CREATE EXTENSION IF NOT EXISTS pgmq")
         return "extension"
@@ -116,7 +117,7 @@ def upgrade(dsn: str) -> UpgradeReport:
 def problems(dsn: str) -> list[str]:
     """What keeps this database from being current (empty when it is)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        if not conn.execute(sql("pgmq_schema_exists")).fetchone()[0]:
+        if not one(conn.execute(sql("pgmq_schema_exists")))[0]:
             return ["pgmq is not installed"]
         found: list[str] = []
         existing = {row[0] for row in conn.execute(sql("list_queues"))}

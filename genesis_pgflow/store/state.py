@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import psycopg
 from psycopg.types.json import Jsonb
 
-from genesis_pgflow.store.database import Database
+from genesis_pgflow.store.database import Conn, Database, one
 from genesis_pgflow.store.queries import sql
 
 Applied = Literal["applied", "unchanged", "stale"]
@@ -65,9 +64,9 @@ class PgStateStore:
         self.db = db
 
     def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
-        def tx(conn: psycopg.Connection) -> tuple[Applied, int]:
+        def tx(conn: Conn) -> tuple[Applied, int]:
             conn.execute(sql("lock_key"), {"key": f"rule:{rule.namespace}:{rule.rule_id}"})
-            active = conn.execute(sql("active_rule_version"), vars(rule)).fetchone()["version"]
+            active = one(conn.execute(sql("active_rule_version"), vars(rule)))["version"]
             decision = decide_rule(active, rule.version)
             if decision == "applied":
                 conn.execute(sql("insert_rule_version"),
@@ -80,10 +79,10 @@ class PgStateStore:
         return self.db.run(lambda conn: conn.execute(sql("list_active_rules"), {"namespace": namespace}).fetchall())
 
     def apply_llm_config(self, config: LlmConfig, workflow_id: str) -> tuple[Applied, int]:
-        def tx(conn: psycopg.Connection) -> tuple[Applied, int]:
+        def tx(conn: Conn) -> tuple[Applied, int]:
             conn.execute(sql("lock_key"), {"key": f"llm:{config.provider}:{config.complexity}"})
             active = conn.execute(sql("active_llm_config"), vars(config)).fetchone()
-            if same_config(active, config):
+            if active is not None and same_config(active, config):
                 return "unchanged", active["version"]
             version = (active["version"] if active else 0) + 1
             conn.execute(sql("insert_llm_config"), {
