@@ -22,7 +22,8 @@ install: $(BIN)/.installed ## create .venv and install the project with its test
 system-deps: ## install the system packages the sandbox and analysers need (bubblewrap, elixir, node tools)
 	bash scripts/system-deps.sh
 
-run: install ## run the consumer (no DSN configured: the embedded PostgreSQL under GENESIS_HOME); ARGS="--drain" etc.
+run: install ## set up the sandbox and toolchains, then run the consumer (no DSN: the embedded PostgreSQL); ARGS="--drain" etc.
+	@bash scripts/system-deps.sh || echo "make run: the sandbox and toolchains could not be installed (needs root or sudo); the consumer says at start what works"
 	$(BIN)/genesis-consume $(ARGS)
 
 test: install system-deps ## run every test tier (unit, conformance, integration, acceptance)
