@@ -330,6 +330,7 @@ class Consumer:
         failures = 0
         try:
             while not self.stopping.is_set():
+                self.last_iteration = self.monotonic()   # read by /healthz: the loop is alive
                 try:
                     fetched = self.run_once(wait_s=self.poll_wait_s())
                     failures = 0
