@@ -41,6 +41,8 @@ class Settings(BaseModel):
     drain: bool = False
     migrate: bool = True
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # the address /metrics, /healthz and /readyz listen on (0.0.0.0 or :: for every interface)
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 
