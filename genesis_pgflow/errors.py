@@ -104,3 +104,15 @@ class SandboxUnavailable(PermanentError):
     """The sandbox cannot be set up on this machine, so untrusted code is not run."""
 
     code = "sandbox_unavailable"
+
+
+class ResourceLimit(PermanentError):
+    """The request went past one of its resource limits (memory, CPU time, wall time)."""
+
+    code = "resource_limit"
+
+
+class AnalyserFailed(PermanentError):
+    """An analyser crashed on this request's code."""
+
+    code = "analyser_failed"
