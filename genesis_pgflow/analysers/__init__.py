@@ -3,11 +3,16 @@
 
 Static analyses (quality, linting, security) parse the code and never run it; `testing` runs
 it, and only inside the sandbox. Every tool runs as a subprocess bounded by the run's deadline
-(`Toolchain.run`, `Toolchain.sandboxed`): running out of time raises WorkflowTimeout.
+and by limits of its own (`Toolchain.run`: TOOL_LIMITS, in a cgroup of its own where there is
+one; `Toolchain.sandboxed`: the test limits): running out of the request's time raises
+WorkflowTimeout, going past a limit ResourceLimit (`resource_limit`, naming the limit), and an
+analyser that crashes on the code AnalyserFailed (`analyser_failed`): both permanent, since the
+same code would do the same again.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 import threading
@@ -16,13 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from genesis_pgflow.errors import WorkflowTimeout
-from genesis_pgflow.sandbox import Limits, Sandbox, SandboxResult, run_bounded
+from genesis_pgflow.errors import AnalyserFailed, GenesisError, ResourceLimit, WorkflowTimeout
+from genesis_pgflow.sandbox import Limits, Sandbox, SandboxResult
 
 ANALYSIS_TYPES = ("quality", "linting", "security", "testing")
 SEVERITY_WEIGHTS = {"error": 10.0, "warning": 5.0, "info": 1.0}
 COMPLEXITY_THRESHOLD = 10  # a function above this cyclomatic complexity is reported
 OUTPUT_CHARS = 16_000  # how much of a test run's output a result carries
+
+# What one analyser run (ruff, bandit, radon, lizard, Biome, the TypeScript parser, the Elixir
+# analysis) may use on code of up to 1 MiB: far above what real code needs (the largest real
+# inputs take a few CPU-seconds and a few hundred MiB), far below what pathological code costs.
+# processes counts threads (the BEAM and V8 start dozens).
+TOOL_LIMITS = Limits(cpu_s=20, memory_bytes=1 * 2**30, processes=512, file_bytes=64 * 2**20, open_files=1024,
+                     wall_s=60.0, output_bytes=8 * 2**20, cpu_cores=1.0)
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class Toolchain:
     python: the interpreter with ruff, bandit, radon and lizard (the consumer's own).
     sandbox_python: the interpreter tests run with inside the sandbox (must live under /usr).
     node_modules: where scripts/system-deps.sh installed Biome and TypeScript.
+    test_limits: what a test run in the sandbox may use; tool_limits: what one analyser run may use.
     """
 
     sandbox: Sandbox
@@ -134,6 +147,7 @@ class Toolchain:
     node: str = "/usr/bin/node"
     elixir: str = "/usr/bin/elixir"
     test_limits: Limits = field(default_factory=Limits)
+    tool_limits: Limits = TOOL_LIMITS
     deadline: float = field(default_factory=lambda: time.monotonic() + 30.0)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -150,9 +164,10 @@ class Toolchain:
         with tempfile.TemporaryDirectory(prefix="genesis-analysis-") as scratch:
             for name, content in (files or {}).items():
                 (Path(scratch) / name).write_text(content, encoding="utf-8")
-            result = run_bounded(argv, timeout_s=self.remaining(), cancelled=self.cancelled, cwd=Path(scratch),
-                                 env=env, stdin=stdin.encode("utf-8") if stdin is not None else None)
-        return self._finished(argv, result)
+            result = self.sandbox.run_tool(argv, limits=self.tool_limits, timeout_s=self.remaining(),
+                                           cancelled=self.cancelled, cwd=Path(scratch), env=env,
+                                           stdin=stdin.encode("utf-8") if stdin is not None else None)
+        return self._finished(argv, result, self.tool_limits)
 
     def sandboxed(self, argv: list[str], *, files: dict[str, str], env: dict[str, str] | None = None) -> SandboxResult:
         """Run untrusted code in the sandbox; SandboxUnavailable if it cannot be set up."""
@@ -160,9 +175,11 @@ class Toolchain:
                                   timeout_s=self.remaining(), cancelled=self.cancelled)
         if result.timed_out and self.remaining() > 0:
             return result  # the sandbox's own wall time: the tests' failure, reported as such
-        return self._finished(argv, result)
+        return self._finished(argv, result, self.test_limits)
 
-    def _finished(self, argv: list[str], result: SandboxResult) -> SandboxResult:
+    def _finished(self, argv: list[str], result: SandboxResult, limits: Limits) -> SandboxResult:
+        if result.limit is not None:
+            raise _past_limit(Path(argv[0]).name, result, limits)
         if result.timed_out or result.cancelled:
             raise WorkflowTimeout(f"{Path(argv[0]).name} did not finish before the deadline",
                                   details={"tool": Path(argv[0]).name})
@@ -170,6 +187,35 @@ class Toolchain:
 
 
 Analyser = Callable[[str, Toolchain], Analysis]
+
+
+def _past_limit(tool: str, result: SandboxResult, limits: Limits) -> ResourceLimit:
+    amount = {"memory": f"{limits.memory_bytes // 2**20} MiB", "cpu": f"{limits.cpu_s} CPU-seconds",
+              "wall": f"{limits.wall_s:g} s of wall time"}.get(result.limit or "", "?")
+    details: dict[str, object] = {"tool": tool, "limit": result.limit}
+    if result.memory_peak_bytes is not None:
+        details["memory_peak_bytes"] = result.memory_peak_bytes
+    return ResourceLimit(f"{tool} went past its {result.limit} limit ({amount}) on this code and was stopped",
+                         details=details)
+
+
+def permanent_on_crash(analyser: Analyser, language: str, analysis_type: str) -> Analyser:
+    """analyser, whose crash on a code (an exit status it does not expect, output it cannot
+    read) is AnalyserFailed: permanent, since the same code would crash it again. OSError (the
+    machine's trouble: no fork, no file) stays retryable."""
+
+    @functools.wraps(analyser)
+    def analyse(code: str, tools: Toolchain) -> Analysis:
+        try:
+            return analyser(code, tools)
+        except (GenesisError, OSError):
+            raise
+        except Exception as exc:
+            raise AnalyserFailed(f"the {language} {analysis_type} analyser failed on this code: {str(exc)[:500]}",
+                                 details={"analyser": f"{language}/{analysis_type}",
+                                          "exception": type(exc).__name__}) from exc
+
+    return analyse
 
 # language names as producers spell them -> the registry's name
 ALIASES = {
@@ -193,7 +239,7 @@ def registry(toolchain: Toolchain) -> dict[tuple[str, str], Analyser]:
     found: dict[tuple[str, str], Analyser] = {}
     for module in (generic, python, elixir, javascript):  # later modules override lizard
         found.update(module.analysers(toolchain))
-    return found
+    return {key: permanent_on_crash(analyser, *key) for key, analyser in found.items()}
 
 
 def supported(analysers: dict[tuple[str, str], Analyser]) -> dict[str, list[str]]:
