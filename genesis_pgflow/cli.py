@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -15,26 +18,92 @@ from pydantic import ValidationError
 from genesis_pgflow import maintenance, metrics
 from genesis_pgflow.app import App, upgrade_database
 from genesis_pgflow.errors import ConfigurationError
-from genesis_pgflow.messages import REQUEST_QUEUES, all_queue_names, redact
+from genesis_pgflow.messages import REDACTED, REQUEST_QUEUES, all_queue_names, redact
 from genesis_pgflow.settings import Settings
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("genesis_pgflow")
 
 
-class _JsonFormatter(logging.Formatter):
+# what a log call may pass in `extra=` to appear as a field of its line
+LOG_FIELDS = ("queue", "msg_id", "workflow_id", "type", "status", "code", "attempt", "duration_ms")
+# a secret written as key=value, key: value or "key": "value" in free text, and a URL's password
+_SECRET_PAIR = re.compile(r"""(?P<key>["']?[\w.-]*(?:api[_-]?key|token|secret|password|passwd|credential|"""
+                          r"""authorization)[\w.-]*["']?\s*[:=]\s*)(?P<value>"[^"]*"|'[^']*'|[^\s,;&}\]]+)""", re.I)
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _scrub(text: str) -> str:
+    """Free text with the secrets it may quote replaced by the redaction marker."""
+    def pair(match: re.Match[str]) -> str:
+        quote = match["value"][0] if match["value"][0] in "\"'" else ""
+        return f"{match['key']}{quote}{REDACTED}{quote}"
+
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}@", _SECRET_PAIR.sub(pair, text))
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message with structured arguments redacted (messages.redact) and secrets in
+    free text scrubbed: a payload's secrets never reach the logs."""
+    args: Any = record.args
+    if isinstance(args, dict):
+        args = redact(args)
+    elif isinstance(args, tuple):
+        args = tuple(redact(a) if isinstance(a, (dict, list)) else a for a in args)
+    text = str(record.msg)
+    if args:
+        try:
+            text = text % args
+        except (TypeError, ValueError):
+            text = f"{text} {args!r}"
+    return _scrub(text)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    values = {name: getattr(record, name) for name in LOG_FIELDS if getattr(record, name, None) is not None}
+    return {k: _scrub(v) if isinstance(v, str) else redact(v) for k, v in values.items()}
+
+
+def _utc(record: logging.LogRecord) -> dt.datetime:
+    return dt.datetime.fromtimestamp(record.created, tz=dt.timezone.utc)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (ISO-8601, UTC), level, logger, message, the LOG_FIELDS given, exception."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        entry: dict[str, Any] = {"ts": _utc(record).isoformat(timespec="microseconds"), "level": record.levelname,
+                                 "logger": record.name, "message": _message(record), **_fields(record)}
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+            entry["exception"] = _scrub(self.formatException(record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-12-03 10:00:00.123Z INFO    consumer: message  queue=... msg_id=...`; control characters
+    are escaped, so that no message can forge a line, and a traceback follows indented."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = "genesis" if record.name == "genesis_pgflow" else record.name.removeprefix("genesis_pgflow.")
+        fields = "".join(f" {k}={_escape(json.dumps(v, default=str) if not isinstance(v, str) else v)}"
+                         for k, v in _fields(record).items())
+        ts = _utc(record)
+        line = (f"{ts:%Y-%m-%d %H:%M:%S}.{ts.microsecond // 1000:03d}Z "
+                f"{record.levelname:<7} {name}: {_escape(_message(record))}" + (f" {fields}" if fields else ""))
+        if record.exc_info:
+            trace = _scrub(self.formatException(record.exc_info))
+            line += "\n" + "\n".join("    " + part for part in trace.splitlines())
+        return line
+
+
+def _escape(text: str) -> str:
+    return _CONTROL.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
 
 
 def setup_logging(fmt: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -85,7 +154,8 @@ def consume_parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", help=f"comma-separated request queues (default: {','.join(REQUEST_QUEUES)})")
     p.add_argument("--drain", action="store_true", default=None, help="exit 0 once the queues are empty")
     p.add_argument("--no-migrate", action="store_true", help="do not upgrade the database; exit 2 if it is behind")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
+    p.add_argument("--metrics-host", help="address the metrics port listens on (default 127.0.0.1)")
     p.add_argument("--log-format", choices=["text", "json"], help="log format (default text)")
     return p
 
@@ -99,7 +169,7 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
             poll_interval_ms=args.poll_interval_ms, timeout_ms=args.timeout_ms, max_attempts=args.max_attempts,
             queues=tuple(q.strip() for q in args.queues.split(",") if q.strip()) if args.queues else None,
             drain=args.drain, migrate=False if args.no_migrate else None, metrics_port=args.metrics_port,
-            log_format=args.log_format)
+            metrics_host=args.metrics_host, log_format=args.log_format)
         setup_logging(settings.log_format, settings.log_level)
         app = App.open(settings)
         try:
@@ -110,13 +180,11 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
 
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
-            server = metrics.serve(consumer, settings.metrics_port) if settings.metrics_port is not None else None
-            log.info("consuming %s with %d worker(s)", ",".join(settings.queues), settings.parallel)
-            try:
+            serving = (metrics.serving(app, consumer, settings.metrics_host, settings.metrics_port)
+                       if settings.metrics_port is not None else contextlib.nullcontext())
+            with serving:
+                log.info("consuming %s with %d worker(s)", ",".join(settings.queues), settings.parallel)
                 consumer.run()
-            finally:
-                if server is not None:
-                    server.shutdown()
             log.info("stopped: %s", dict(consumer.stats.outcomes))
         finally:
             app.close()

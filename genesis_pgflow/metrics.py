@@ -1,53 +1,432 @@
-"""`--metrics-port`: the consumer's counters in Prometheus' text format over HTTP."""
+"""`--metrics-port`: a consumer's Prometheus metrics, /healthz and /readyz, on a registry of its own."""
 
 from __future__ import annotations
 
+import errno
+import logging
+import socket
 import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
 
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from genesis_pgflow.app import App
 from genesis_pgflow.consumer import Consumer
+from genesis_pgflow.errors import ConfigurationError
+from genesis_pgflow.messages import QUEUES, Outcome, ReadMessage, all_queue_names
+from genesis_pgflow.store import schema
+from genesis_pgflow.store.database import Database
+from genesis_pgflow.store.metrics import DatabaseProbe, DatabaseReading, PgDatabaseProbe, pool_figures
+from genesis_pgflow.store.queue import QueueStore
+
+log = logging.getLogger(__name__)
+
+# Label values are chosen from these closed sets, never copied from a message: a producer must
+# not be able to add series (or, through quotes and newlines, lines) to the exposition.
+KNOWN_TYPES = tuple(kind for kind, _results in QUEUES.values())
+KNOWN_QUEUES = tuple(all_queue_names())
+STATUSES = ("completed", "failed")
+OTHER = "other"
+# outcomes decided before any handler ran: they have no handler duration
+REFUSED_CODES = frozenset({"invalid_payload", "unknown_type", "payload_too_large"})
+# from a rule update (milliseconds) to an experiment (up to an hour)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                    600.0, 1800.0, 3600.0, float("inf"))
 
 
-def render(consumer: Consumer) -> str:
-    lines = [
-        "# HELP genesis_outcomes_total Outcomes written, by kind (completed, failed, retry, dead_letter).",
-        "# TYPE genesis_outcomes_total counter",
-    ]
-    lines += [f'genesis_outcomes_total{{kind="{k}"}} {v}' for k, v in sorted(consumer.stats.outcomes.items())]
-    lines += ["# HELP genesis_results_total Results published, by payload type and status.",
-              "# TYPE genesis_results_total counter"]
-    lines += [f'genesis_results_total{{type="{t}",status="{s}"}} {v}'
-              for (t, s), v in sorted(consumer.stats.by_type.items())]
-    lines += ["# HELP genesis_in_flight Handlers running now (timed-out ones still returning included).",
-              "# TYPE genesis_in_flight gauge",
-              f"genesis_in_flight {len(consumer.running) + len(consumer.overrun)}",
-              "# HELP genesis_free_slots Workers free to start a message.",
-              "# TYPE genesis_free_slots gauge",
-              f"genesis_free_slots {consumer.free_slots()}",
-              "# HELP genesis_store_errors_total Database failures the loop backed off from.",
-              "# TYPE genesis_store_errors_total counter",
-              f"genesis_store_errors_total {consumer.stats.store_errors}"]
-    return "\n".join(lines) + "\n"
+def type_label(value: object) -> str:
+    return value if isinstance(value, str) and value in KNOWN_TYPES else OTHER
 
 
-def serve(consumer: Consumer, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """Start serving /metrics in a daemon thread; the caller shuts the server down."""
+def queue_label(value: object) -> str:
+    return value if isinstance(value, str) and value in KNOWN_QUEUES else OTHER
+
+
+def status_label(value: object) -> str:
+    return value if isinstance(value, str) and value in STATUSES else OTHER
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class ConsumerMetrics(Collector):
+    """Every metric of one consumer, collected at scrape time into a registry of its own.
+
+    Outcomes arrive through observe(); the consumer's slots and counters, the pool's occupancy and
+    the database's queue figures are read when scraped, the latter through a probe whose reading is
+    kept for cache_s seconds (one query for every queue, whatever the number of scrapers)."""
+
+    def __init__(self, consumer: Consumer, *, probe: DatabaseProbe | None = None, db: Database | None = None,
+                 cache_s: float = 5.0, stale_after_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.consumer = consumer
+        self.probe = probe
+        self.db = db
+        self.cache_s = cache_s
+        # A database outage makes one loop turn last up to the store's 30 s of retries plus the
+        # loop's 30 s backoff; an outage is no reason to restart the consumer.
+        self.stale_after_s = stale_after_s if stale_after_s is not None else max(
+            120.0, 3 * consumer.options.poll_interval_s)
+        self.clock = clock
+        self.head = schema.head_revision() if probe is not None else ""
+        self._lock = threading.Lock()
+        self._results: Counter[tuple[str, str, str]] = Counter()
+        self._retries: Counter[tuple[str, str]] = Counter()
+        self._dead_letters: Counter[tuple[str, str]] = Counter()
+        self._timeouts: Counter[tuple[str, str]] = Counter()
+        self._buckets: dict[str, list[int]] = {}
+        self._seconds: dict[str, float] = {}
+        for queue, (kind, _results) in QUEUES.items():    # known series start at 0, so rate() sees the first
+            for status in STATUSES:
+                self._results[(queue, kind, status)] = 0
+            for tally in (self._retries, self._dead_letters, self._timeouts):
+                tally[(queue, kind)] = 0
+        self._probe_lock = threading.Lock()
+        self._probed_at: float | None = None
+        self._reading: DatabaseReading | None = None
+        self._read_at: float | None = None
+        self._probe_error: str | None = None
+        self._started_at = consumer.monotonic()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    @classmethod
+    def for_app(cls, app: App, consumer: Consumer) -> ConsumerMetrics:
+        """The metrics of a consumer of this app, watching what its store stores."""
+        metrics = cls(consumer, probe=PgDatabaseProbe(app.dsn), db=app.db)
+        metrics.watch()
+        return metrics
+
+    def watch(self) -> None:
+        """Have the consumer's store report what it stores to observe()."""
+        if not isinstance(self.consumer.store, ObservedQueueStore):
+            self.consumer.store = ObservedQueueStore(self.consumer.store, self.observe)
+
+    def close(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
+
+    # --- what happened --------------------------------------------------------------------
+
+    def observe(self, outcomes: Sequence[Outcome]) -> None:
+        """Count stored outcomes: results, retries, dead letters, timeouts, handler durations."""
+        with self._lock:
+            for outcome in outcomes:
+                queue, kind = queue_label(outcome.message.queue), type_label(outcome.message.type)
+                code = outcome.error.code if outcome.error is not None else None
+                if code not in REFUSED_CODES:
+                    self._observe_duration(kind, (outcome.finished_at - outcome.started_at).total_seconds())
+                if outcome.kind == "retry":
+                    self._retries[(queue, kind)] += 1
+                    continue
+                self._results[(queue, kind, status_label(outcome.status))] += 1
+                if outcome.kind == "dead_letter":
+                    self._dead_letters[(queue, kind)] += 1
+                if code == "timeout":
+                    self._timeouts[(queue, kind)] += 1
+
+    def _observe_duration(self, kind: str, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        buckets = self._buckets.setdefault(kind, [0] * len(DURATION_BUCKETS))
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                buckets[i] += 1
+                break
+        self._seconds[kind] = self._seconds.get(kind, 0.0) + seconds
+
+    # --- reading the database, at most every cache_s ----------------------------------------
+
+    def reading(self) -> tuple[DatabaseReading | None, str | None]:
+        """The last good reading (None before the first), and what failed at the last attempt."""
+        if self.probe is None:
+            return None, None
+        with self._probe_lock:
+            now = self.clock()
+            if self._probed_at is None or now - self._probed_at >= self.cache_s:
+                self._probed_at = now
+                try:
+                    self._reading, self._read_at = self.probe.read(), now
+                    if self._probe_error is not None:
+                        log.info("metrics: the database answers again")
+                    self._probe_error = None
+                except Exception as exc:  # noqa: BLE001 - a failed reading must never fail the scrape
+                    if self._probe_error is None:
+                        log.warning("metrics: cannot read the database (%s); serving the last figures",
+                                    _first_line(exc))
+                    self._probe_error = type(exc).__name__
+            return self._reading, self._probe_error
+
+    # --- the endpoints --------------------------------------------------------------------
+
+    def loop_age_s(self) -> float:
+        """Seconds since the consumer loop last turned (since these metrics began, before its first turn)."""
+        last = getattr(self.consumer, "last_iteration", None)
+        return max(0.0, self.consumer.monotonic() - (self._started_at if last is None else last))
+
+    def health(self) -> tuple[bool, str]:
+        age = self.loop_age_s()
+        if age <= self.stale_after_s:
+            return True, f"ok: the consumer loop turned {age:.1f} s ago"
+        return False, f"stalled: the consumer loop last turned {age:.1f} s ago (limit {self.stale_after_s:g} s)"
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.probe is None:
+            return True, "ok: no database probe configured"
+        reading, error = self.reading()
+        if error is not None or reading is None:
+            return False, "not ready: the database is unreachable"
+        problems = reading.problems(self.head)
+        if problems:
+            return False, "not ready: " + "; ".join(problems) + ": run `genesis db upgrade`"
+        return True, "ok: database reachable, schema current"
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # --- the Collector protocol -------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._outcome_families()
+        yield from self._consumer_families()
+        yield from self._pool_families()
+        yield from self._database_families()
+
+    def _outcome_families(self) -> Iterator[Metric]:
+        with self._lock:
+            results, retries = dict(self._results), dict(self._retries)
+            dead_letters, timeouts = dict(self._dead_letters), dict(self._timeouts)
+            buckets = {kind: list(counts) for kind, counts in self._buckets.items()}
+            seconds = dict(self._seconds)
+        family = CounterMetricFamily("genesis_results", "Results published, by request queue, payload type and "
+                                     "status (dead letters included, as failed).", labels=["queue", "type", "status"])
+        for result, value in sorted(results.items()):
+            family.add_metric(list(result), value)
+        yield family
+        for name, doc, tally in (
+                ("genesis_retries", "Transient failures sent back to their queue to be tried again.", retries),
+                ("genesis_dead_letters", "Requests copied to their dead-letter queue.", dead_letters),
+                ("genesis_timeouts", "Handlers that ran past their timeout.", timeouts)):
+            family = CounterMetricFamily(name, doc, labels=["queue", "type"])
+            for labels, value in sorted(tally.items()):
+                family.add_metric(list(labels), value)
+            yield family
+        histogram = HistogramMetricFamily(
+            "genesis_handler_duration_seconds",
+            "Seconds from reading a message to its outcome (the handler's run), by payload type; requests "
+            "refused before running (invalid payload, unknown type) are not counted.", labels=["type"])
+        for kind in sorted(buckets):
+            cumulative, total = [], 0
+            for bound, count in zip(DURATION_BUCKETS, buckets[kind], strict=True):
+                total += count
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), total))
+            histogram.add_metric([kind], cumulative, seconds[kind])
+        yield histogram
+
+    def _consumer_families(self) -> Iterator[Metric]:
+        consumer = self.consumer
+        yield GaugeMetricFamily("genesis_consumer_workers", "Handlers this consumer runs at once (--parallel).",
+                                value=consumer.options.parallel)
+        yield GaugeMetricFamily("genesis_consumer_in_flight", "Handlers running now, timed-out ones still "
+                                "returning included.", value=len(consumer.running) + len(consumer.overrun))
+        yield GaugeMetricFamily("genesis_consumer_overrun", "Handlers past their timeout whose thread has not "
+                                "returned yet (each keeps its worker).", value=len(consumer.overrun))
+        yield GaugeMetricFamily("genesis_consumer_free_slots", "Workers free to start a message.",
+                                value=consumer.free_slots())
+        yield GaugeMetricFamily("genesis_consumer_loop_age_seconds", "Seconds since the consumer loop last "
+                                "turned (/healthz fails past its limit).", value=self.loop_age_s())
+        yield CounterMetricFamily("genesis_database_errors", "Database failures the consumer loop backed off "
+                                  "from, after the store's own brief retries.", value=consumer.stats.store_errors)
+
+    def _pool_families(self) -> Iterator[Metric]:
+        if self.db is None:
+            return
+        pool = pool_figures(self.db)
+        yield GaugeMetricFamily("genesis_db_pool_max_connections", "The most connections the pool may open.",
+                                value=pool.max_size)
+        connections = GaugeMetricFamily("genesis_db_pool_connections", "Connections the pool holds open, "
+                                        "lent out (in_use) or not (idle).", labels=["state"])
+        connections.add_metric(["in_use"], max(0, pool.size - pool.idle))
+        connections.add_metric(["idle"], pool.idle)
+        yield connections
+        yield GaugeMetricFamily("genesis_db_pool_requests_waiting", "Callers waiting for a connection.",
+                                value=pool.waiting)
+        yield CounterMetricFamily("genesis_db_pool_connections_lost", "Pooled connections found broken and "
+                                  "replaced (reconnects).", value=pool.connections_lost)
+        yield CounterMetricFamily("genesis_db_pool_connection_errors", "Attempts to open a pooled connection "
+                                  "that failed.", value=pool.connection_errors)
+
+    def _database_families(self) -> Iterator[Metric]:
+        if self.probe is None:
+            return
+        reading, error = self.reading()
+        yield GaugeMetricFamily("genesis_database_up", "1 if the last reading of the database succeeded, else 0 "
+                                "(the queue figures are then the last ones read).", value=0 if error else 1)
+        if reading is None or self._read_at is None:
+            return
+        yield GaugeMetricFamily("genesis_queue_figures_age_seconds", "Seconds since the queue figures were read.",
+                                value=max(0.0, self.clock() - self._read_at))
+        depth = GaugeMetricFamily("genesis_queue_depth", "Messages in the queue, visible or not "
+                                  "(pgmq.metrics_all).", labels=["queue"])
+        in_flight = GaugeMetricFamily("genesis_queue_in_flight", "Messages of the queue leased by a consumer "
+                                      "right now (invisible).", labels=["queue"])
+        oldest = GaugeMetricFamily("genesis_queue_oldest_message_age_seconds", "Age of the queue's oldest "
+                                   "message; 0 when it is empty.", labels=["queue"])
+        for name in KNOWN_QUEUES:       # reply_to queues are unbounded in number: not exported
+            figures = reading.queues.get(name)
+            if figures is None:
+                continue
+            depth.add_metric([name], figures.depth)
+            in_flight.add_metric([name], figures.in_flight)
+            oldest.add_metric([name], figures.oldest_age_s or 0.0)
+        yield from (depth, in_flight, oldest)
+
+
+class ObservedQueueStore:
+    """The consumer's QueueStore, telling observe() what it stored: complete() the outcomes it
+    applied (never one finished elsewhere), retry() every retry. It stands in for an observer hook
+    on the consumer itself."""
+
+    def __init__(self, inner: QueueStore, observe: Callable[[Sequence[Outcome]], None]):
+        self.inner = inner
+        self._observe = observe
+
+    def complete(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
+        applied = self.inner.complete(outcomes)
+        self._observe(applied)
+        return applied
+
+    def retry(self, outcomes: Sequence[Outcome]) -> None:
+        self.inner.retry(outcomes)
+        self._observe(outcomes)
+
+    def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
+        return self.inner.read(queue, qty, lease_s)
+
+    def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:
+        return self.inner.extend_leases(queue, msg_ids, lease_s)
+
+    def release(self, queue: str, msg_ids: Sequence[int]) -> None:
+        self.inner.release(queue, msg_ids)
+
+    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
+        return self.inner.wait_for_messages(queues, timeout_s)
+
+    def send(self, queue: str, body: Any) -> int:
+        return self.inner.send(queue, body)
+
+    def depth(self, queues: Sequence[str]) -> int:
+        return self.inner.depth(queues)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:    # anything the store gains later
+        return getattr(self.inner, name)
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+
+# path -> () -> (HTTP status, content type, body); the dashboard adds its own
+Route = Callable[[], tuple[int, str, bytes]]
+TEXT = "text/plain; charset=utf-8"
+
+
+def routes(metrics: ConsumerMetrics) -> dict[str, Route]:
+    def probe(check: Callable[[], tuple[bool, str]]) -> Route:
+        def answer() -> tuple[int, str, bytes]:
+            ok, text = check()
+            return (200 if ok else 503), TEXT, (text + "\n").encode()
+        return answer
+
+    return {
+        "/": lambda: (200, TEXT, b"genesis-consume: /metrics /healthz /readyz\n"),
+        "/metrics": lambda: (200, CONTENT_TYPE_PLAIN_0_0_4, metrics.exposition()),
+        "/healthz": probe(metrics.health),
+        "/readyz": probe(metrics.readiness),
+    }
+
+
+def serve(metrics: ConsumerMetrics, host: str = "127.0.0.1", port: int = 0,
+          extra: Mapping[str, Route] | None = None) -> ThreadingHTTPServer:
+    """Serve the routes in daemon threads; the caller shuts the server down. A port that cannot be
+    bound is a ConfigurationError (exit 2) naming it."""
+    table = {**routes(metrics), **(extra or {})}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
-            if self.path.rstrip("/") not in ("/metrics", ""):
+        timeout = 10        # a client that sends nothing does not hold a thread for ever
+
+        def _answer(self, with_body: bool) -> None:
+            path = urlsplit(self.path).path
+            route = table.get(path if path == "/" else path.rstrip("/"))
+            if route is None:
                 self.send_error(404)
                 return
-            body = render(consumer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            try:
+                status, content_type, body = route()
+            except Exception:  # noqa: BLE001 - one failing page must not take the server down
+                log.exception("metrics: %s failed", path)
+                self.send_error(500)
+                return
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            self.wfile.write(body)
+            if with_body:
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            self._answer(with_body=True)
+
+        def do_HEAD(self) -> None:  # noqa: N802 - the http.server API
+            self._answer(with_body=False)
 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = _bind(host, port, Handler)
     threading.Thread(target=server.serve_forever, name="genesis-metrics", daemon=True).start()
     return server
+
+
+def _bind(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    except OSError as exc:
+        raise ConfigurationError(f"metrics host {host!r} cannot be resolved: {exc.strerror or exc}") from None
+
+    class Server(ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+
+    try:
+        return Server((host, port), handler)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigurationError(f"metrics port {port} on {host} is already in use") from None
+        raise ConfigurationError(f"cannot serve metrics on {host} port {port}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def serving(app: App, consumer: Consumer, host: str, port: int) -> Iterator[ConsumerMetrics]:
+    """`genesis-consume --metrics-port`: the consumer's metrics served while the block runs."""
+    watched = ConsumerMetrics.for_app(app, consumer)
+    try:
+        server = serve(watched, host, port)
+        try:
+            log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", host, server.server_address[1])
+            yield watched
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        watched.close()

@@ -260,26 +260,6 @@ def test_parallel_one_runs_one_at_a_time(store, clock):
     assert peak[0] == 1
 
 
-def test_metrics_endpoint_serves_the_counters(store, clock):
-    import urllib.request
-
-    from genesis_pgflow import metrics
-
-    store.send(Q, rule(1))
-    store.send(Q, [1])
-    consumer = make(store, clock, Handler())
-    settle(consumer, lambda: len(results(store)) == 2)
-    server = metrics.serve(consumer, 0)
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5).read().decode()
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert 'genesis_outcomes_total{kind="completed"} 1' in body
-    assert 'genesis_results_total{type="(none)",status="failed"} 1' in body
-    assert "genesis_free_slots 2" in body
-
-
 def test_a_handler_default_timeout_beats_the_consumer_default(store, clock):
     gate = Gate()
     gate.timeout_s = lambda payload: 50.0
