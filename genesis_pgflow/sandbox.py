@@ -192,13 +192,15 @@ class Sandbox:
     to be unavailable); uids is the pool of unprivileged uids handed out to concurrent runs;
     ro_paths are host paths every run sees read-only at the same place (besides /usr).
     use_cgroups=False uses the per-process rlimits only; cgroup_parent names a (delegated) cgroup v2
-    directory to create the runs' cgroups in, instead of the hierarchy's `genesis`."""
+    directory to create the runs' cgroups in, instead of the hierarchy's `genesis`;
+    seccomp_library a path to libseccomp (default: found by its usual name)."""
 
     def __init__(self, limits: Limits = Limits(), *, bwrap: str = "/usr/bin/bwrap",
                  setpriv: str = "/usr/bin/setpriv", prlimit: str = "/usr/bin/prlimit",
                  uids: range = range(1_900_000_000, 1_900_000_256),
                  ro_paths: Sequence[Path] = (), lock_dir: Path | None = None,
-                 use_cgroups: bool = True, cgroup_parent: Path | None = None):
+                 use_cgroups: bool = True, cgroup_parent: Path | None = None,
+                 seccomp_library: str | None = None):
         self.limits = limits
         self.bwrap, self.setpriv, self.prlimit = bwrap, setpriv, prlimit
         self.uids = uids
@@ -206,6 +208,7 @@ class Sandbox:
         self.lock_dir = lock_dir or Path(tempfile.gettempdir()) / "genesis-sandbox-uids"
         self.use_cgroups = use_cgroups
         self.cgroup_parent = cgroup_parent
+        self.seccomp_library = seccomp_library
         self._probe_lock = threading.Lock()
         self._hierarchy_lock = threading.Lock()
         self._unavailable: str | None = None
@@ -299,10 +302,6 @@ class Sandbox:
         isolation: its own cgroup where there is one (a cgroup that cannot be made leaves the
         rlimits, with a warning), the rlimits, its own process group; wall time the smaller of
         limits.wall_s and timeout_s (`timed_out` at limits.wall_s is `limit == "wall"`)."""
-        command = list(argv)
-        if os.path.isfile(self.prlimit):
-            command = [self.prlimit, f"--cpu={limits.cpu_s}", f"--data={limits.memory_bytes}",
-                       f"--fsize={limits.file_bytes}", f"--nofile={limits.open_files}", "--core=0", "--", *command]
         run = None
         hierarchy = self.hierarchy
         if hierarchy is not None:
@@ -310,6 +309,13 @@ class Sandbox:
                 run = hierarchy.create(hierarchy.unique_name("tool"), _budget(limits, extra_tasks=0))
             except cgroups.CgroupError as exc:
                 log.warning("%s runs with rlimits only: %s", Path(argv[0]).name, exc)
+        command = list(argv)
+        if os.path.isfile(self.prlimit):
+            # with a cgroup, memory is the cgroup's alone: a tool then runs out of it as a kill we
+            # can tell (a limit), not as an allocation failure it reports as a crash of its own
+            memory = [] if run is not None else [f"--data={limits.memory_bytes}"]
+            command = [self.prlimit, _cpu_rlimit(limits), *memory, f"--fsize={limits.file_bytes}",
+                       f"--nofile={limits.open_files}", "--core=0", "--", *command]
         wall_s = min(limits.wall_s, timeout_s)
         try:
             result = self._execute(command, limits, run, timeout_s=wall_s, cancelled=cancelled, cwd=cwd, env=env,
@@ -350,6 +356,10 @@ class Sandbox:
                                    output_bytes=limits.output_bytes, stop=stop)
             if run is None and self.as_root:
                 _kill_uid(uid)
+            if run is None and result.limit is None and result.returncode == 128 + signal.SIGKILL:
+                # the command is the namespace's init: it ignores SIGXCPU, and nothing in the
+                # sandbox can SIGKILL it, so without a cgroup this is its RLIMIT_CPU's hard limit
+                result = replace(result, limit="cpu")
             if result.returncode == cgroups.ENTER_FAILED and cgroups.ENTER_FAILED_MARK in result.stderr:
                 raise SandboxUnavailable(f"the run's cgroup could not be entered: {result.stderr.strip()[-300:]}")
             return result
@@ -360,18 +370,19 @@ class Sandbox:
         CPU time; the usage is read before the cgroup goes."""
         if run is None:
             result = run_bounded(command, **kwargs)  # type: ignore[arg-type]
-            if result.limit is None and result.returncode in _SIGXCPU_EXITS:
-                result = replace(result, limit="cpu")
-            return result
+        else:
+            def watch() -> str | None:
+                return _past_limit(run.usage(), limits)
 
-        def watch() -> str | None:
-            return _past_limit(run.usage(), limits)
-
-        result = run_bounded(run.enter_command(command), watch=watch, finish=run.kill, **kwargs)  # type: ignore[arg-type]
-        usage = run.usage()
-        return replace(result, limit=result.limit or _past_limit(usage, limits),
-                       memory_peak_bytes=usage.memory_peak_bytes, cpu_s=usage.cpu_s,
-                       cgroup=tuple(str(d) for d in run.directories()))
+            result = run_bounded(run.enter_command(command), watch=watch, finish=run.kill,
+                                 **kwargs)  # type: ignore[arg-type]
+            usage = run.usage()
+            result = replace(result, limit=result.limit or _past_limit(usage, limits),
+                             memory_peak_bytes=usage.memory_peak_bytes, cpu_s=usage.cpu_s,
+                             cgroup=tuple(str(d) for d in run.directories()))
+        if result.limit is None and result.returncode in _SIGXCPU_EXITS:
+            result = replace(result, limit="cpu")  # one process's RLIMIT_CPU
+        return result
 
     @contextmanager
     def _run_cgroup(self, limits: Limits) -> Iterator[cgroups.RunCgroup | None]:
@@ -420,7 +431,7 @@ class Sandbox:
     def _seccomp_fd(self, stack: ExitStack, fds: list[int]) -> int:
         """A descriptor bwrap reads the filter from (its --seccomp), kept open by stack."""
         if self._seccomp is None:
-            self._seccomp = seccomp.build_filter()
+            self._seccomp = seccomp.build_filter(self.seccomp_library)
         handle = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 - closed by stack
         handle.write(self._seccomp)
         handle.flush()
@@ -435,7 +446,7 @@ class Sandbox:
         workdir = PurePosixPath(SANDBOX_DIR) / cwd
         if ".." in workdir.parts:
             raise ValueError(f"cwd {cwd!r} leaves the sandbox directory")
-        command = [self.prlimit, f"--cpu={limits.cpu_s}", f"--data={limits.memory_bytes}",
+        command = [self.prlimit, _cpu_rlimit(limits), f"--data={limits.memory_bytes}",
                    f"--nproc={limits.processes}", f"--fsize={limits.file_bytes}",
                    f"--nofile={limits.open_files}", "--core=0", "--", self.bwrap]
         if self.as_root:
@@ -508,7 +519,7 @@ class Sandbox:
             if not (os.path.isfile(tool) and os.access(tool, os.X_OK)):
                 return f"{tool} is missing (install bubblewrap and util-linux: scripts/system-deps.sh)"
         try:
-            self._seccomp = seccomp.build_filter()
+            self._seccomp = seccomp.build_filter(self.seccomp_library)
         except seccomp.SeccompUnavailable as exc:
             return f"the seccomp filter cannot be built: {exc}"
         probe = replace(self.limits, wall_s=10.0)
@@ -549,6 +560,12 @@ def _budget(limits: Limits, *, extra_tasks: int) -> cgroups.Budget:
     """The cgroup's share of limits; extra_tasks for what the chain adds (bwrap's own process)."""
     return cgroups.Budget(memory_bytes=limits.memory_bytes, processes=limits.processes + extra_tasks,
                           cpu_cores=limits.cpu_cores)
+
+
+def _cpu_rlimit(limits: Limits) -> str:
+    """SIGXCPU (which we can tell from any other end) at cpu_s; SIGKILL a second later for a
+    process that ignores it."""
+    return f"--cpu={limits.cpu_s}:{limits.cpu_s + 1}"
 
 
 def _past_limit(usage: cgroups.Usage, limits: Limits) -> str | None:

@@ -59,8 +59,8 @@ def _errno_action(code: int) -> int:
     return 0x00050000 | (code & 0xFFFF)
 
 
-def _library() -> ctypes.CDLL:
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+def _library(name: str | None) -> ctypes.CDLL:
+    name = name or ctypes.util.find_library("seccomp") or "libseccomp.so.2"
     try:
         lib = ctypes.CDLL(name, use_errno=True)
     except OSError as exc:
@@ -76,10 +76,10 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def build_filter() -> bytes:
+def build_filter(library: str | None = None) -> bytes:
     """The filter as a BPF program (what bwrap's --seccomp reads); SeccompUnavailable if
-    libseccomp is missing or refuses a rule."""
-    lib = _library()
+    libseccomp (found by its usual name, or the `library` path) is missing or refuses a rule."""
+    lib = _library(library)
     context = lib.seccomp_init(SCMP_ACT_ALLOW)
     if not context:
         raise SeccompUnavailable("seccomp_init failed")
