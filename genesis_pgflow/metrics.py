@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import socketserver
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,6 +60,16 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+@dataclass(frozen=True)
+class Probed:
+    """The last good reading of the database (None before the first) and the last attempt's failure."""
+
+    reading: DatabaseReading | None = None
+    read_at: float | None = None
+    error: str | None = None           # the exception's class name; the details go to the log
+    attempted_at: float | None = None
+
+
 class ConsumerMetrics(Collector):
     """Every metric of one consumer, collected at scrape time into a registry of its own.
 
@@ -91,10 +103,7 @@ class ConsumerMetrics(Collector):
             for tally in (self._retries, self._dead_letters, self._timeouts):
                 tally[(queue, kind)] = 0
         self._probe_lock = threading.Lock()
-        self._probed_at: float | None = None
-        self._reading: DatabaseReading | None = None
-        self._read_at: float | None = None
-        self._probe_error: str | None = None
+        self._probed = Probed()
         self._started_at = consumer.monotonic()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -145,25 +154,35 @@ class ConsumerMetrics(Collector):
 
     # --- reading the database, at most every cache_s ----------------------------------------
 
-    def reading(self) -> tuple[DatabaseReading | None, str | None]:
-        """The last good reading (None before the first), and what failed at the last attempt."""
+    def reading(self) -> Probed:
+        """The last reading of the database, taken anew when older than cache_s. While one scraper
+        reads, the others are answered with the previous reading rather than kept waiting."""
         if self.probe is None:
-            return None, None
-        with self._probe_lock:
-            now = self.clock()
-            if self._probed_at is None or now - self._probed_at >= self.cache_s:
-                self._probed_at = now
-                try:
-                    self._reading, self._read_at = self.probe.read(), now
-                    if self._probe_error is not None:
-                        log.info("metrics: the database answers again")
-                    self._probe_error = None
-                except Exception as exc:  # noqa: BLE001 - a failed reading must never fail the scrape
-                    if self._probe_error is None:
-                        log.warning("metrics: cannot read the database (%s); serving the last figures",
-                                    _first_line(exc))
-                    self._probe_error = type(exc).__name__
-            return self._reading, self._probe_error
+            return self._probed
+        first = self._probed.attempted_at is None
+        if self._due() and self._probe_lock.acquire(blocking=first):
+            try:
+                if self._due():
+                    self._probed = self._probe_once(self.probe, self._probed)
+            finally:
+                self._probe_lock.release()
+        return self._probed
+
+    def _due(self) -> bool:
+        attempted = self._probed.attempted_at
+        return attempted is None or self.clock() - attempted >= self.cache_s
+
+    def _probe_once(self, probe: DatabaseProbe, last: Probed) -> Probed:
+        now = self.clock()
+        try:
+            reading = probe.read()
+        except Exception as exc:  # noqa: BLE001 - a failed reading must never fail the scrape
+            if last.error is None:
+                log.warning("metrics: cannot read the database (%s); serving the last figures", _first_line(exc))
+            return Probed(last.reading, last.read_at, type(exc).__name__, now)
+        if last.error is not None:
+            log.info("metrics: the database answers again")
+        return Probed(reading, now, None, now)
 
     # --- the endpoints --------------------------------------------------------------------
 
@@ -181,10 +200,10 @@ class ConsumerMetrics(Collector):
     def readiness(self) -> tuple[bool, str]:
         if self.probe is None:
             return True, "ok: no database probe configured"
-        reading, error = self.reading()
-        if error is not None or reading is None:
+        probed = self.reading()
+        if probed.error is not None or probed.reading is None:
             return False, "not ready: the database is unreachable"
-        problems = reading.problems(self.head)
+        problems = probed.reading.problems(self.head)
         if problems:
             return False, "not ready: " + "; ".join(problems) + ": run `genesis db upgrade`"
         return True, "ok: database reachable, schema current"
@@ -267,13 +286,14 @@ class ConsumerMetrics(Collector):
     def _database_families(self) -> Iterator[Metric]:
         if self.probe is None:
             return
-        reading, error = self.reading()
+        probed = self.reading()
         yield GaugeMetricFamily("genesis_database_up", "1 if the last reading of the database succeeded, else 0 "
-                                "(the queue figures are then the last ones read).", value=0 if error else 1)
-        if reading is None or self._read_at is None:
+                                "(the queue figures are then the last ones read).", value=0 if probed.error else 1)
+        reading = probed.reading
+        if reading is None or probed.read_at is None:
             return
         yield GaugeMetricFamily("genesis_queue_figures_age_seconds", "Seconds since the queue figures were read.",
-                                value=max(0.0, self.clock() - self._read_at))
+                                value=max(0.0, self.clock() - probed.read_at))
         depth = GaugeMetricFamily("genesis_queue_depth", "Messages in the queue, visible or not "
                                   "(pgmq.metrics_all).", labels=["queue"])
         in_flight = GaugeMetricFamily("genesis_queue_in_flight", "Messages of the queue leased by a consumer "
@@ -408,6 +428,11 @@ def _bind(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> Thread
         address_family = family
         daemon_threads = True
 
+        def server_bind(self) -> None:
+            # HTTPServer's own looks the host up with getfqdn(), which can hang on a slow DNS
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = host, self.server_address[1]
+
     try:
         return Server((host, port), handler)
     except OSError as exc:
@@ -423,7 +448,8 @@ def serving(app: App, consumer: Consumer, host: str, port: int) -> Iterator[Cons
     try:
         server = serve(watched, host, port)
         try:
-            log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", host, server.server_address[1])
+            log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", f"[{host}]" if ":" in host else host,
+                     server.server_address[1])
             yield watched
         finally:
             server.shutdown()

@@ -78,8 +78,11 @@ class PgDatabaseProbe:
 
     def _connection(self) -> psycopg.Connection[DictRow]:
         if self._conn is None or self._conn.closed:
+            # keepalives and tcp_user_timeout: a server gone silent fails the reading within seconds
             conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout_s,
-                                   row_factory=dict_row, application_name="genesis-metrics")
+                                   row_factory=dict_row, application_name="genesis-metrics", keepalives=1,
+                                   keepalives_idle=5, keepalives_interval=2, keepalives_count=2,
+                                   tcp_user_timeout=self.statement_timeout_ms + 5000)
             conn.execute(sql("probe_statement_timeout"), {"timeout_ms": str(self.statement_timeout_ms)})
             self._conn = conn
         return self._conn
