@@ -6,9 +6,15 @@ the records store and returns at once (ran=False) when another consumer holds it
         ...every interval_s: report = job()      # CleanupReport / IntegrityReport
 
 A sandbox's age is the time since its directory last changed (every test run and rollback
-changes it). Every sandbox, successful or failed, is kept until it is older than
-settings.sandbox_max_age_days (default 7), so that failed and regressed experiments can be
-analysed; and never one younger than the experiment timeout, which may still be running.
+changes it). A sandbox is kept until it is older than settings.sandbox_max_age_days (default 7),
+so that failed and regressed experiments can be analysed, or settings.sandbox_success_max_age_days
+(default 1) for an experiment that ended in success; and never one younger than the experiment
+timeout, which may still be running.
+
+Each producer (instance_id) keeps at most settings.experiment_copies_per_instance copies and
+settings.experiment_copies_mb_per_instance MB of them: over either, its oldest copies are removed
+first, by the cleanup and when one of its experiments starts (enforce_instance_caps). A copy is
+only ever removed under its experiment's advisory lock, so never while a consumer runs it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from genesis_pgflow.store.experiments import ExperimentRecords
 from genesis_pgflow.workspace import (
     GIT_DIRS,
     SANDBOX_ID,
+    SCRATCH,
     Workspace,
     remove_tree,
     tree_size,
@@ -101,32 +108,107 @@ class CleanupReport:
 def cleanup_sandboxes(settings: Settings, records: ExperimentRecords, *, now: float | None = None,
                       max_age_days: float | None = None,
                       remove: Callable[[Path], None] = remove_tree) -> CleanupReport:
-    """Remove the sandboxes older than max_age_days (default settings.sandbox_max_age_days, and
-    never younger than the experiment timeout), recording each as cleaned_up with its size and age.
+    """Remove the sandboxes older than max_age_days (default settings.sandbox_max_age_days;
+    settings.sandbox_success_max_age_days for experiments that ended in success; never younger than
+    the experiment timeout), then each producer's oldest copies over its caps, and the scratch a
+    killed consumer left mounted; each removal recorded as cleaned_up with its size and age.
     `genesis sandbox cleanup` and the scheduled job are this function."""
     with records.maintenance_lock(CLEANUP_JOB) as locked:
         if not locked:
             return CleanupReport(ran=False)
         now = time.time() if now is None else now
         days = settings.sandbox_max_age_days if max_age_days is None else max_age_days
-        max_age_s = max(days * DAY_S, settings.experiment_timeout_ms / 1000.0)
+        floor_s = settings.experiment_timeout_ms / 1000.0
+        max_age_s = max(days * DAY_S, floor_s)
+        success_age_s = max(min(days, settings.sandbox_success_max_age_days) * DAY_S, floor_s)
         report = CleanupReport(ran=True, max_age_s=max_age_s)
-        for entry in find_sandboxes(settings.sandboxes_dir, now=now):
-            if entry.age_s < max_age_s:
-                report.kept.append(entry.experiment_id)
+        entries = find_sandboxes(settings.sandboxes_dir, now=now)
+        owners = records.experiment_owners([e.experiment_id for e in entries])
+        kept: list[SandboxEntry] = []
+        for entry in entries:
+            success = (owners.get(entry.experiment_id) or {}).get("status") == "success"
+            if entry.age_s < (success_age_s if success else max_age_s):
+                kept.append(entry)
                 continue
-            size = entry.size_bytes
-            try:
-                remove(entry.path)
-                remove(entry.git_dir)
-            except OSError as exc:
-                report.errors.append({"experiment_id": entry.experiment_id, "error": str(exc)})
-                continue
-            records.sandbox_event(entry.experiment_id, str(entry.path), "cleaned_up", size_bytes=size,
-                                  age_s=round(entry.age_s, 3), detail=f"older than {days:g} days")
-            report.removed.append({"experiment_id": entry.experiment_id, "path": str(entry.path),
-                                   "size_bytes": size, "age_s": round(entry.age_s, 3)})
+            limit = settings.sandbox_success_max_age_days if success else days
+            if not _remove_copy(records, entry, report, remove, f"older than {min(limit, days):g} days"):
+                kept.append(entry)
+        by_instance: dict[str, list[SandboxEntry]] = {}
+        for entry in kept:
+            instance = (owners.get(entry.experiment_id) or {}).get("instance_id")
+            if instance is not None:
+                by_instance.setdefault(instance, []).append(entry)
+        for instance, copies in by_instance.items():
+            for entry in _over_caps(settings, copies, extra_bytes=0):
+                if _remove_copy(records, entry, report, remove, f"over the copy caps of instance {instance}"):
+                    kept.remove(entry)
+        report.kept = [e.experiment_id for e in kept]
+        _unmount_stale_scratch(settings, records)
         return report
+
+
+def enforce_instance_caps(settings: Settings, records: ExperimentRecords, instance_id: str, *,
+                          starting: str | None = None, now: float | None = None) -> CleanupReport:
+    """Make room for a new copy of instance_id's experiment `starting`: its other copies, oldest
+    first, are removed while they number experiment_copies_per_instance or more, or would leave
+    less than GENESIS_EXPERIMENT_MAX_COPY_MB under experiment_copies_mb_per_instance."""
+    report = CleanupReport(ran=True)
+    entries = [e for e in find_sandboxes(settings.sandboxes_dir, now=now) if e.experiment_id != starting]
+    owners = records.experiment_owners([e.experiment_id for e in entries])
+    mine = [e for e in entries if (owners.get(e.experiment_id) or {}).get("instance_id") == instance_id]
+    extra = settings.experiment_max_copy_mb * 2**20 if starting is not None else 0
+    for entry in _over_caps(settings, mine, extra_bytes=extra, extra_copies=int(starting is not None)):
+        _remove_copy(records, entry, report, remove_tree, f"over the copy caps of instance {instance_id}")
+    return report
+
+
+def _over_caps(settings: Settings, copies: list[SandboxEntry], *, extra_bytes: int,
+               extra_copies: int = 0) -> list[SandboxEntry]:
+    """The oldest of copies (oldest first, as find_sandboxes lists them) to remove so that the
+    rest, plus what is about to be made, stay under the per-instance caps."""
+    sizes = {e.experiment_id: e.size_bytes for e in copies}
+    count, total = len(copies) + extra_copies, sum(sizes.values()) + extra_bytes
+    over: list[SandboxEntry] = []
+    for entry in copies:
+        if count <= settings.experiment_copies_per_instance and \
+                total <= settings.experiment_copies_mb_per_instance * 2**20:
+            break
+        over.append(entry)
+        count, total = count - 1, total - sizes[entry.experiment_id]
+    return over
+
+
+def _remove_copy(records: ExperimentRecords, entry: SandboxEntry, report: CleanupReport,
+                 remove: Callable[[Path], None], why: str) -> bool:
+    """Remove one copy under its experiment's lock (never one a consumer is running); on record."""
+    with records.experiment_lock(entry.experiment_id) as locked:
+        if not locked:
+            return False
+        size = entry.size_bytes
+        try:
+            Workspace(entry.path.parent, entry.experiment_id).unmount_scratch()
+            remove(entry.path)
+            remove(entry.git_dir)
+        except OSError as exc:
+            report.errors.append({"experiment_id": entry.experiment_id, "error": str(exc)})
+            return False
+        records.sandbox_event(entry.experiment_id, str(entry.path), "cleaned_up", size_bytes=size,
+                              age_s=round(entry.age_s, 3), detail=why)
+        report.removed.append({"experiment_id": entry.experiment_id, "path": str(entry.path),
+                               "size_bytes": size, "age_s": round(entry.age_s, 3), "reason": why})
+        return True
+
+
+def _unmount_stale_scratch(settings: Settings, records: ExperimentRecords) -> None:
+    """A consumer killed mid-run leaves its scratch mounted: unmount those nobody is running."""
+    scratch = settings.sandboxes_dir / SCRATCH
+    if not scratch.is_dir() or scratch.is_symlink():
+        return
+    for entry in os.scandir(scratch):
+        if SANDBOX_ID.match(entry.name) and entry.is_dir(follow_symlinks=False):
+            with records.experiment_lock(entry.name) as locked:
+                if locked:
+                    Workspace(settings.sandboxes_dir, entry.name).unmount_scratch()
 
 
 # --- integrity -------------------------------------------------------------------------------

@@ -64,6 +64,19 @@ class Settings(BaseModel):
     sandbox_max_age_days: float = Field(default=7.0, ge=0)
     sandbox_cleanup_interval_s: float = Field(default=6 * 3600.0, gt=0)
     sandbox_integrity_interval_s: float = Field(default=24 * 3600.0, gt=0)
+    # which repositories an experiment may use (workspace.RepoAllow): comma-separated absolute
+    # local roots and git URL prefixes; empty refuses every experiment
+    repo_allow: str = ""
+    # disk and memory an experiment may use: its copy (clone + checkout) on disk, and each test
+    # run's writes on a capped scratch (tmpfs over the copy)
+    experiment_max_copy_mb: int = Field(default=1024, ge=1)
+    experiment_scratch_mb: int = Field(default=512, ge=1)
+    experiment_scratch_inodes: int = Field(default=100_000, ge=100)
+    # copies kept per producer (instance_id): the oldest finished ones go first
+    experiment_copies_per_instance: int = Field(default=10, ge=1)
+    experiment_copies_mb_per_instance: int = Field(default=4096, ge=1)
+    # copies of experiments that ended in success are removed sooner than the rest
+    sandbox_success_max_age_days: float = Field(default=1.0, ge=0)
 
     @field_validator("queues")
     @classmethod

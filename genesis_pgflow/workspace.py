@@ -1,13 +1,28 @@
-"""An experiment's sandbox copy of a repository: cloned at a base ref, changed, committed, rolled back.
+"""An experiment's sandbox copy of a repository: which repositories may be copied, cloned at a
+base ref, changed, committed, rolled back, and the capped scratch its test runs write to.
 
-Layout under the sandboxes directory (settings.sandboxes_dir):
+Which repositories (RepoAllow, the setting GENESIS_REPO_ALLOW): a request's `repo` is checked
+against the allowed local roots and URL prefixes before anything of it is read (no stat, no git);
+a local path is then resolved (symlinks followed) and must still lie under the same root, and
+nothing under GENESIS_HOME is ever allowed (another experiment's copy or git directory). Every
+refused or unusable repository (not allowed, missing, unreadable, not git, base_ref unknown) is
+the same RepositoryUnavailable, whose text and details never depend on what exists on the host;
+the precise reason goes to the consumer's log only.
+
+Layout under the sandboxes directory (settings.sandboxes_dir, mode 0700, and so are .gitdirs,
+.scratch and every git directory; a working tree is 0711, reachable only through its 0700 parent):
 
     <experiment_id>/                 the working tree: what the test suite sees (at /sandbox)
     .gitdirs/<experiment_id>.git     its git directory, kept apart from the working tree
+    .scratch/<experiment_id>/        while a test run lasts: a size- and inode-capped tmpfs and
+                                     the overlay of the working tree the run writes to
+
+Only the consumer's user can read a copy: the sandbox's uid reaches it because bubblewrap, run as
+root, binds it (its parents need not be traversable).
 
 The repository is untrusted, and so is everything its test suite does. The test suite runs in a
-sandbox whose only writable place is the working tree (handed to the sandbox's uid), so the git
-directory lives elsewhere: code under test can never plant hooks, filter drivers or fsmonitor
+sandbox whose only writable place is the working tree (seen through the scratch overlay), so the
+git directory lives elsewhere: code under test can never plant hooks, filter drivers or fsmonitor
 commands in the config that our own git commands read. The working tree's `.git` file (a
 "gitdir:" pointer, so that `git -C <sandbox_path> log` works for a person) is rewritten after
 every run and never trusted: every git command here names the git directory and the working tree
@@ -15,15 +30,16 @@ explicitly.
 
 Every git command also runs with:
 - an environment of our own: no system or global config, no inherited GIT_* variables, only the
-  `file` transport, no prompts, no optional locks (so that reading the original repository never
-  writes to it);
+  transport of the repository's allowed scheme, no prompts, no credential helpers, no optional
+  locks (so that reading the original repository never writes to it);
 - `-c core.hooksPath=/dev/null -c core.fsmonitor=false` and friends, so that no hook and no
   fsmonitor command runs, whatever a repository's own config says; filter, textconv and merge
   drivers are stripped from the clone's config (a fresh clone has none, and nothing but us can
   write it).
 
-The original repository is only ever read: `rev-parse` to resolve the base ref and a
-`clone --no-local --no-hardlinks` (objects copied through upload-pack, never hard-linked).
+The original repository is only ever read: `rev-parse` to resolve the base ref, and a shallow
+`fetch --depth=1` of that one commit into the copy's own git directory (objects copied through
+upload-pack, never hard-linked), its pack bounded by RLIMIT_FSIZE.
 
 Plain `git` subprocesses rather than GitPython: GitPython merges the consumer's whole environment
 (GIT_DIR, GIT_CONFIG_* and the like included) into every command and offers no way to drop a
@@ -33,19 +49,34 @@ variable, and a clean environment is the point here.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
-from genesis_pgflow.errors import PermanentError
+from genesis_pgflow.errors import PermanentError, SandboxUnavailable
+
+log = logging.getLogger(__name__)
 
 GIT = "/usr/bin/git"
+PRLIMIT = "/usr/bin/prlimit"
+MOUNT, UMOUNT = "/usr/bin/mount", "/usr/bin/umount"
 GIT_DIRS = ".gitdirs"
+SCRATCH = ".scratch"
+URL_SCHEMES = ("file", "https", "ssh", "git")
+# what one entry of a copy's tree is charged against the copy's size cap (its inode, at least)
+ENTRY_BYTES = 512
+# The working tree's own mode: bwrap, root without CAP_DAC_OVERRIDE by then, must chdir into it
+# once it belongs to the sandbox's uid; its parent (0700) keeps every other user out.
+COPY_MODE = 0o711
 GIT_TIMEOUT_S = 120.0
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -83,15 +114,16 @@ _EXECUTABLE_CONFIG = re.compile(
 
 
 class RepositoryUnavailable(PermanentError):
-    """The repository cannot be read, or is not a git repository."""
+    """The repository is not available to experiments: it is not allowed by GENESIS_REPO_ALLOW,
+    or it cannot be read as a git repository with base_ref as one of its commits."""
 
     code = "repository_unavailable"
 
 
-class BaseRefNotFound(PermanentError):
-    """The base ref does not name a commit of the repository."""
+class RepositoryTooLarge(PermanentError):
+    """The repository's copy would be larger than GENESIS_EXPERIMENT_MAX_COPY_MB."""
 
-    code = "base_ref_not_found"
+    code = "repository_too_large"
 
 
 class PatchDoesNotApply(PermanentError):
@@ -127,7 +159,7 @@ class GitFailed(PermanentError):
 # --- running git ----------------------------------------------------------------------------
 
 
-def git_environment(ceiling: Path | None = None) -> dict[str, str]:
+def git_environment(ceiling: Path | None = None, protocol: str = "file") -> dict[str, str]:
     """A clean environment for git: nothing inherited, no system or global config."""
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -143,7 +175,7 @@ def git_environment(ceiling: Path | None = None) -> dict[str, str]:
         "GIT_ASKPASS": "/bin/false",
         "SSH_ASKPASS": "/bin/false",
         "GIT_NO_REPLACE_OBJECTS": "1",
-        "GIT_ALLOW_PROTOCOL": "file",
+        "GIT_ALLOW_PROTOCOL": protocol,
         "GIT_PROTOCOL_FROM_USER": "0",
         "GIT_OPTIONAL_LOCKS": "0",
         "GIT_LFS_SKIP_SMUDGE": "1",
@@ -156,14 +188,19 @@ def git_environment(ceiling: Path | None = None) -> dict[str, str]:
 def git(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = None,
         work_tree: Path | None = None, input: str | None = None, check: bool = True,
         timeout_s: float = GIT_TIMEOUT_S, error: type[PermanentError] = GitFailed,
-        extra_config: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
-    """Run one hardened git command; raise `error` (with git's message) when it fails."""
-    env = git_environment(ceiling=cwd.resolve().parent if cwd is not None and git_dir is None else None)
+        extra_config: Sequence[str] = (), protocol: str = "file",
+        file_bytes: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one hardened git command; raise `error` (with git's message) when it fails.
+    protocol: the one transport allowed; file_bytes: RLIMIT_FSIZE of the command (a file past it
+    kills git with SIGXFSZ)."""
+    env = git_environment(ceiling=cwd.resolve().parent if cwd is not None and git_dir is None else None,
+                          protocol=protocol)
     if git_dir is not None:
         env["GIT_DIR"] = str(git_dir)
     if work_tree is not None:
         env["GIT_WORK_TREE"] = str(work_tree)
-    argv = [GIT]
+    argv = [] if file_bytes is None else [PRLIMIT, f"--fsize={file_bytes}", "--"]
+    argv += [GIT]
     for option in (*HARDENED_CONFIG, *extra_config):
         argv += ["-c", option]
     argv += list(args)
@@ -262,6 +299,145 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
+# --- which repositories a request may use ---------------------------------------------------
+
+UNAVAILABLE = ("the repository is not available to experiments (not allowed by GENESIS_REPO_ALLOW, "
+               "or not readable as a git repository with base_ref as one of its commits)")
+_REF = re.compile(r"^(HEAD|[0-9a-f]{40}|[0-9a-f]{64}|[A-Za-z0-9][A-Za-z0-9._/-]*)$")
+
+
+def unavailable(repo: str, reason: str) -> RepositoryUnavailable:
+    """The one error of every refused or unusable repository; the reason is logged, never returned."""
+    log.info("repository %s refused: %s", _loggable(repo), reason)
+    return RepositoryUnavailable(UNAVAILABLE)
+
+
+def _loggable(repo: str) -> str:
+    """repo for the log: a URL's user information (a token?) is left out."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1<userinfo>@", repo)[:500]
+
+
+def _under(path: PurePosixPath | Path, root: PurePosixPath | Path) -> bool:
+    return path == root or root in path.parents
+
+
+@dataclass(frozen=True)
+class Source:
+    """An allowed repository: what to fetch from, and (local ones) its resolved path and root."""
+
+    repo: str                 # the request's `repo`, as given
+    fetch_url: str            # what git fetches from: a resolved local path or the URL
+    protocol: str             # the one transport allowed while fetching
+    local: Path | None = None
+    root: Path | None = None  # the resolved allowed root a local repository lies under
+
+
+@dataclass(frozen=True)
+class RepoAllow:
+    """GENESIS_REPO_ALLOW: the local roots (absolute paths; `file://` prefixes count as roots) and
+    remote URL prefixes (https://, ssh://, git://) a request's `repo` may use, and GENESIS_HOME,
+    under which nothing is ever allowed. Empty: no repository at all.
+
+        allow = RepoAllow.parse("/srv/repos, https://github.com/acme/", home=settings.home)
+        source = allow.resolve(request.repo)     # RepositoryUnavailable, whatever the reason
+    """
+
+    roots: tuple[Path, ...]
+    prefixes: tuple[str, ...]
+    home: Path
+
+    @classmethod
+    def parse(cls, text: str, *, home: Path) -> RepoAllow:
+        """The setting's comma-separated entries; ValueError names an entry that is not usable."""
+        roots: list[Path] = []
+        prefixes: list[str] = []
+        for entry in (e.strip() for e in text.split(",")):
+            if not entry:
+                continue
+            if entry.startswith("/"):
+                roots.append(cls._root(entry))
+                continue
+            scheme = entry.split("://", 1)[0].lower() if "://" in entry else ""
+            if scheme not in URL_SCHEMES:
+                raise ValueError(f"GENESIS_REPO_ALLOW entry {entry!r} is neither an absolute path nor a "
+                                 f"{', '.join(s + '://' for s in URL_SCHEMES)} URL prefix")
+            if scheme == "file":
+                roots.append(cls._root(urlsplit(entry).path or "/"))
+            elif not urlsplit(entry).netloc:
+                raise ValueError(f"GENESIS_REPO_ALLOW entry {entry!r} names no host")
+            else:
+                prefixes.append(entry)
+        return cls(tuple(dict.fromkeys(roots)), tuple(dict.fromkeys(prefixes)), Path(home))
+
+    @staticmethod
+    def _root(path: str) -> Path:
+        if ".." in PurePosixPath(path).parts:
+            raise ValueError(f"GENESIS_REPO_ALLOW root {path!r} must not contain '..'")
+        return Path(os.path.normpath(path))
+
+    @property
+    def empty(self) -> bool:
+        return not self.roots and not self.prefixes
+
+    def describe(self) -> str:
+        return ", ".join([*map(str, self.roots), *self.prefixes]) or "(none)"
+
+    def resolve(self, repo: str) -> Source:
+        """The Source of an allowed `repo`, else RepositoryUnavailable. Nothing of the host is read
+        before `repo` is lexically under an allowed root (then only that root is looked into)."""
+        if any(ord(c) < 32 or c == "\x7f" for c in repo) or "\\" in repo:
+            raise unavailable(repo, "control characters or backslashes")
+        if repo.startswith("/"):
+            return self._local(repo, repo)
+        scheme = repo.split("://", 1)[0].lower() if "://" in repo else ""
+        if scheme not in URL_SCHEMES:
+            raise unavailable(repo, "neither an absolute path nor a file://, https://, ssh:// or git:// URL")
+        url = urlsplit(repo)
+        if url.query or url.fragment or "%" in repo or ".." in PurePosixPath(url.path).parts:
+            raise unavailable(repo, "URL with a query, fragment, percent-escape or '..'")
+        if scheme == "file":
+            if url.netloc not in ("", "localhost"):
+                raise unavailable(repo, "file:// URL naming a host")
+            return self._local(repo, url.path)
+        if scheme != "ssh" and "@" in url.netloc:
+            raise unavailable(repo, "URL with user information (credentials belong to the consumer's config)")
+        if ":" in url.netloc.rpartition("@")[0]:
+            raise unavailable(repo, "URL with a password")
+        for prefix in self.prefixes:
+            if repo == prefix or (repo.startswith(prefix) and (prefix.endswith("/") or repo[len(prefix)] == "/")):
+                return Source(repo, repo, scheme)
+        raise unavailable(repo, f"no URL prefix of GENESIS_REPO_ALLOW ({', '.join(self.prefixes) or 'none'}) "
+                                "matches")
+
+    def _local(self, repo: str, path: str) -> Source:
+        given = PurePosixPath(path)
+        if not given.is_absolute() or ".." in given.parts:
+            raise unavailable(repo, "not an absolute path without '..'")
+        lexical = Path(os.path.normpath(path))
+        home = Path(os.path.normpath(self.home))
+        if _under(lexical, home):
+            raise unavailable(repo, "under GENESIS_HOME")
+        for root in self.roots:
+            if not _under(lexical, root):
+                continue
+            # only now is anything read: the root's own symlinks are the operator's choice, the
+            # ones under it must not lead out of it
+            real_root, real = Path(os.path.realpath(root)), Path(os.path.realpath(lexical))
+            if not _under(real, real_root):
+                raise unavailable(repo, f"resolves to {real}, outside the allowed root {root}")
+            if _under(real, Path(os.path.realpath(home))):
+                raise unavailable(repo, "resolves under GENESIS_HOME")
+            return Source(repo, str(real), "file", real, real_root)
+        raise unavailable(repo, f"not under an allowed root of GENESIS_REPO_ALLOW ({self.describe()})")
+
+    def admits(self, path: Path, source: Source) -> bool:
+        """Whether a path git reports for a local source (its git directory, an alternate object
+        store) stays under the source's root and out of GENESIS_HOME."""
+        real = Path(os.path.realpath(path))
+        return (source.root is not None and _under(real, source.root)
+                and not _under(real, Path(os.path.realpath(self.home))))
+
+
 # --- the workspace --------------------------------------------------------------------------
 
 
@@ -298,36 +474,99 @@ class Workspace:
 
     # -- creating ------------------------------------------------------------------------------
 
-    def create(self, repo: str | Path, base_ref: str = "HEAD", *, timeout_s: float = GIT_TIMEOUT_S) -> str:
-        """Clone repo at base_ref into the sandbox (replacing a previous attempt's copy) and check
-        out branch experiment/<id> there; return the baseline commit."""
-        source = Path(repo)
-        if not source.is_dir():
-            raise RepositoryUnavailable(f"repository {repo} is not a directory this consumer can read",
-                                        details={"repo": str(repo)})
-        found = source_git(source, ["rev-parse", "--git-dir"], check=False)
-        if found.returncode != 0:
-            raise RepositoryUnavailable(f"{repo} is not a git repository", details={"repo": str(repo)})
-        resolved = source_git(source, ["rev-parse", "--verify", "--quiet", "--end-of-options",
-                                       f"{base_ref}^{{commit}}"], check=False)
+    def create(self, source: Source, base_ref: str = "HEAD", *, allow: RepoAllow, max_bytes: int | None = None,
+               timeout_s: float = GIT_TIMEOUT_S) -> str:
+        """Fetch the one commit base_ref names from an allowed source (RepoAllow.resolve) into the
+        sandbox, replacing a previous attempt's copy, and check out branch experiment/<id> there;
+        return the baseline commit. RepositoryUnavailable (the one text) for any unusable source;
+        RepositoryTooLarge when the copy would exceed max_bytes (nothing of it is kept)."""
+        baseline = self.local_baseline(source, base_ref, allow) if source.local is not None else None
+        if baseline is None and (not _REF.match(base_ref) or ".." in base_ref or base_ref.endswith((".lock", "/"))):
+            raise unavailable(source.repo, f"base_ref {base_ref!r} is not HEAD, a full commit id or a ref name")
+        self.remove()
+        self.make_private_dirs()
+        try:
+            git(["init", "--quiet", "--template=", f"--separate-git-dir={self.git_dir}", str(self.path)],
+                cwd=self.sandboxes_dir)
+            self.path.chmod(COPY_MODE)
+            self.git_dir.chmod(0o700)
+            return self._fetch(source, baseline or base_ref, max_bytes, timeout_s)
+        except BaseException:
+            self.remove()
+            raise
+
+    def make_private_dirs(self) -> None:
+        """The sandboxes directory and its git directories, readable by the consumer's user only."""
+        for folder in (self.sandboxes_dir, self.sandboxes_dir / GIT_DIRS):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if stat.S_IMODE(folder.stat().st_mode) != 0o700:
+                folder.chmod(0o700)
+
+    @staticmethod
+    def local_baseline(source: Source, base_ref: str, allow: RepoAllow) -> str:
+        """The commit base_ref names in an allowed local repository, after checking that its git
+        directories (and alternate object stores) stay under the allowed root."""
+        assert source.local is not None
+        try:
+            found = source_git(source.local, ["rev-parse", "--absolute-git-dir", "--git-common-dir"], check=False)
+            if found.returncode != 0 or len(found.stdout.splitlines()) != 2:
+                raise unavailable(source.repo, "not a git repository")
+            git_dir, common = (Path(source.local, line) for line in found.stdout.splitlines())
+            stores = [git_dir, common]
+            alternates = common / "objects" / "info" / "alternates"
+            if alternates.is_file():
+                stores += [Path(common / "objects", line.strip()) for line in
+                           alternates.read_text(errors="replace").splitlines() if line.strip()]
+            outside = [str(p) for p in stores if not allow.admits(p, source)]
+            if outside:
+                raise unavailable(source.repo, f"its git directory or object store {outside[0]} lies outside "
+                                               "the allowed root or under GENESIS_HOME")
+            resolved = source_git(source.local, ["rev-parse", "--verify", "--quiet", "--end-of-options",
+                                                 f"{base_ref}^{{commit}}"], check=False)
+        except (GitFailed, OSError) as exc:
+            raise unavailable(source.repo, f"cannot be read: {exc}") from None
         baseline = resolved.stdout.strip()
         if resolved.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40,64}", baseline):
-            raise BaseRefNotFound(f"base_ref {base_ref!r} is not a commit of {repo}",
-                                  details={"repo": str(repo), "base_ref": base_ref})
-        self.remove()
-        self.git_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        git(["clone", "--quiet", "--no-local", "--no-hardlinks", "--no-checkout", "--template=",
-             f"--separate-git-dir={self.git_dir}", "--", str(source.resolve()), str(self.path)],
-            cwd=self.sandboxes_dir, error=RepositoryUnavailable, timeout_s=timeout_s)
+            raise unavailable(source.repo, f"base_ref {base_ref!r} is not a commit of it")
+        return baseline
+
+    def _fetch(self, source: Source, ref: str, max_bytes: int | None, timeout_s: float) -> str:
+        """A shallow fetch of ref (one commit, kept as one pack bounded by max_bytes), the size of
+        its tree checked against max_bytes, then the checkout."""
+        config = ["fetch.unpackLimit=1", "transfer.unpackLimit=1", "fetch.writeCommitGraph=false"]
+        if source.protocol == "ssh":
+            config.append("core.sshCommand=ssh -o BatchMode=yes")
+        fetched = git(["fetch", "--quiet", "--depth=1", "--no-tags", "--no-recurse-submodules", "--",
+                       source.fetch_url, f"+{ref}:refs/genesis/base"],
+                      cwd=self.path, git_dir=self.git_dir, work_tree=self.path, check=False, timeout_s=timeout_s,
+                      extra_config=config, protocol=source.protocol, file_bytes=max_bytes)
+        if fetched.returncode == -signal.SIGXFSZ or "File too large" in fetched.stderr:
+            raise self._too_large(max_bytes, "its history at base_ref")
+        if fetched.returncode != 0:
+            raise unavailable(source.repo, f"fetch failed: {fetched.stderr.strip()[-300:]}")
+        resolved = self.git("rev-parse", "--verify", "--quiet", "refs/genesis/base^{commit}", check=False)
+        baseline = resolved.stdout.strip()
+        if resolved.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40,64}", baseline):
+            raise unavailable(source.repo, f"base_ref {ref!r} is not a commit")
+        if max_bytes is not None:
+            listed = self.git("ls-tree", "-r", "-t", "-l", "-z", "--full-tree", baseline).stdout.split("\0")
+            entries = [line for line in listed if line]
+            blobs = sum(int(size) for line in entries if (size := line.split("\t", 1)[0].split()[-1]).isdigit())
+            total = tree_size(self.git_dir) + blobs + ENTRY_BYTES * len(entries)
+            if total > max_bytes:
+                raise self._too_large(max_bytes, f"{total // 2**20} MB ({len(entries)} entries)")
         self.strip_executable_config()
-        checkout = self.git("checkout", "--quiet", "-B", self.branch, baseline, check=False)
-        if checkout.returncode != 0:
-            raise BaseRefNotFound(f"base_ref {base_ref!r} ({baseline[:12]}) is not reachable from a ref "
-                                  f"of {repo}", details={"repo": str(repo), "base_ref": base_ref})
+        self.git("checkout", "--quiet", "-B", self.branch, baseline)
+        self.git("update-ref", "-d", "refs/genesis/base")
         self.baseline_commit = baseline
         self.restore(baseline)
         return baseline
+
+    @staticmethod
+    def _too_large(max_bytes: int | None, what: str) -> RepositoryTooLarge:
+        limit = (max_bytes or 0) // 2**20
+        return RepositoryTooLarge(f"the repository's copy would exceed GENESIS_EXPERIMENT_MAX_COPY_MB ({limit} MB): "
+                                  f"{what}", details={"max_copy_mb": limit})
 
     def strip_executable_config(self) -> None:
         """Drop any config key that would make git run a program (defence in depth)."""
@@ -449,6 +688,61 @@ class Workspace:
         self.git("commit", "--quiet", "--no-verify", "--allow-empty", "--no-gpg-sign", "-m", message)
         return self.head()
 
+    # -- the scratch a test run writes to ------------------------------------------------------
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self.sandboxes_dir / SCRATCH / self.experiment_id
+
+    @contextmanager
+    def scratch(self, *, max_bytes: int, max_inodes: int) -> Iterator[Path]:
+        """The directory a test run gets as /sandbox. As root: an overlay of the working tree whose
+        writable layer is a tmpfs of max_bytes and max_inodes (plus one inode per entry of the
+        tree, which the sandbox's change of owner copies up as metadata only), unmounted at exit:
+        what the run writes never reaches the disk nor the copy, and a run past the cap gets
+        ENOSPC. Without root nothing can be mounted: the working tree itself (writes then land on
+        disk, bounded per file by the sandbox's RLIMIT_FSIZE only)."""
+        if os.geteuid() != 0:
+            yield self.path
+            return
+        if re.search(r"[,:\\\s]", str(self.sandboxes_dir)):
+            raise SandboxUnavailable(f"the sandboxes directory {self.sandboxes_dir} holds a character that mount "
+                                     "options cannot carry (',', ':', '\\\\' or a space)")
+        self.unmount_scratch()
+        self.make_private_dirs()
+        (self.sandboxes_dir / SCRATCH).mkdir(mode=0o700, exist_ok=True)
+        layer, merged = self.scratch_dir / "layer", self.scratch_dir / "merged"
+        for folder in (self.scratch_dir, layer, merged):
+            folder.mkdir(mode=0o700, exist_ok=True)
+        entries = sum(len(dirs) + len(files) for _dir, dirs, files in os.walk(self.path)) + 16
+        try:
+            _mount(["-t", "tmpfs", "-o", f"size={max_bytes},nr_inodes={max_inodes + entries},mode=0700",
+                    "genesis-scratch", str(layer)])
+            (layer / "upper").mkdir(mode=COPY_MODE)
+            (layer / "work").mkdir(mode=0o700)
+            _mount(["-t", "overlay", "-o", f"lowerdir={self.path},upperdir={layer / 'upper'},"
+                    f"workdir={layer / 'work'},metacopy=on", "genesis-overlay", str(merged)])
+        except BaseException:
+            self.unmount_scratch()
+            raise
+        try:
+            yield merged
+        finally:
+            self.unmount_scratch()
+
+    def unmount_scratch(self) -> None:
+        """Unmount and remove a test run's scratch (also one a killed consumer left mounted)."""
+        base = self.scratch_dir
+        if not base.is_dir() or base.is_symlink():
+            return
+        for mount_point in (base / "merged", base / "layer"):
+            for _ in range(3):
+                if not os.path.ismount(mount_point):
+                    break
+                _umount(mount_point)
+        if not any(os.path.ismount(p) for p in (base / "merged", base / "layer")):
+            remove_tree(base)
+
     # -- rolling back and removing -------------------------------------------------------------
 
     def rollback(self, baseline: str) -> None:
@@ -466,8 +760,26 @@ class Workspace:
                                  details={"baseline_commit": baseline, "head": head, "status": dirty[-2000:]})
 
     def remove(self) -> None:
+        self.unmount_scratch()
         remove_tree(self.path)
         remove_tree(self.git_dir)
+
+
+def _mount(args: Sequence[str]) -> None:
+    try:
+        done = subprocess.run([MOUNT, *args], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SandboxUnavailable(f"cannot mount the test run's scratch: {exc}") from None
+    if done.returncode != 0:
+        raise SandboxUnavailable(f"cannot mount the test run's scratch: {done.stderr.strip()[:300]}")
+
+
+def _umount(path: Path) -> None:
+    """Unmount path; lazily if it is still busy (the sandbox's processes are already dead)."""
+    for argv in ([UMOUNT, str(path)], [UMOUNT, "-l", str(path)]):
+        if subprocess.run(argv, capture_output=True, timeout=60, check=False).returncode == 0:
+            return
+    log.warning("could not unmount %s", path)
 
 
 def _terminated(patch: str) -> str:

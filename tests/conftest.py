@@ -109,8 +109,8 @@ def empty_db_dsn(server_dsn: str) -> Iterator[str]:
 
 @pytest.fixture
 def genesis_home() -> Iterator[Path]:
-    """A GENESIS_HOME of the test's own, outside private home folders (see README)."""
+    """A GENESIS_HOME of the test's own (0700, as mkdtemp makes it: bwrap binds the sandboxes
+    below it as root, so their parents need not be traversable by the sandbox's uids)."""
     path = Path(tempfile.mkdtemp(prefix="genesis-home-", dir="/var/tmp"))
-    path.chmod(0o755)      # the sandbox's unprivileged uids must reach the sandboxes below it
     yield path
     shutil.rmtree(path, ignore_errors=True)

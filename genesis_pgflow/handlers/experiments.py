@@ -2,8 +2,14 @@
 
 One experiment, start to end:
 
-1. isolate: clone `repo` at `base_ref` into <home>/sandboxes/<experiment_id>/ (workspace.py);
+0. admit: `repo` must be allowed by GENESIS_REPO_ALLOW (checked before anything of it is read),
+   the experiment_id must not belong to another instance_id (experiment_id_taken), and no other
+   consumer may be running it (an advisory lock held for the whole experiment; experiment_busy,
+   retried later, when it is); the producer's oldest kept copies go first when it is over its caps;
+1. isolate: fetch `repo` at `base_ref` into <home>/sandboxes/<experiment_id>/ (workspace.py), at
+   most GENESIS_EXPERIMENT_MAX_COPY_MB;
 2. baseline: run the test suite there, in the sandbox (sandbox.py), per-test outcomes from JUnit XML;
+   each run writes to a capped scratch over the copy (Workspace.scratch), never to the copy itself;
 3. change: apply `changes` (whole files, or a unified diff checked by `git apply --check`), commit
    on branch experiment/<experiment_id>, run the same tests again;
 4. measure: success_rate, regression (the share of tests that passed at the baseline and do not
@@ -35,7 +41,9 @@ from pathlib import Path
 from typing import Any, Literal
 from xml.etree import ElementTree
 
+from genesis_pgflow import maintenance
 from genesis_pgflow.errors import (
+    ConfigurationError,
     GenesisError,
     PermanentError,
     RetryableError,
@@ -51,7 +59,7 @@ from genesis_pgflow.store.experiments import (
     ExperimentStart,
     RunRecord,
 )
-from genesis_pgflow.workspace import Workspace, tree_size
+from genesis_pgflow.workspace import RepoAllow, Source, Workspace, tree_size
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +89,18 @@ class ExperimentSlotsBusy(RetryableError):
     """Every experiment slot stayed taken until the deadline; the experiment did not start."""
 
     code = "experiment_slots_busy"
+
+
+class ExperimentBusy(RetryableError):
+    """Another consumer (or another worker of this one) is running this experiment_id right now."""
+
+    code = "experiment_busy"
+
+
+class ExperimentIdTaken(PermanentError):
+    """The experiment_id belongs to another instance_id: choose another id."""
+
+    code = "experiment_id_taken"
 
 
 class UnexpectedFailure(GenesisError):
@@ -322,6 +342,18 @@ class ExperimentRunner:
         self._active: set[str] = set()
         self._running_lock = threading.Lock()
         self.peak_running = 0  # the most experiments seen running at once (for tests and metrics)
+        try:
+            self.allow = RepoAllow.parse(settings.repo_allow, home=settings.home)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        if self.allow.empty:
+            log.warning("experiments disabled: set GENESIS_REPO_ALLOW to the local roots and git URL prefixes "
+                        "experiments may use (every genesis_experiment_request fails with repository_unavailable)")
+        else:
+            log.info("experiments may use repositories under: %s", self.allow.describe())
+        if os.geteuid() != 0:
+            log.warning("experiments: not root, so test runs write to the copy itself: their disk use is "
+                        "bounded per file only (RLIMIT_FSIZE), not by GENESIS_EXPERIMENT_SCRATCH_MB")
 
     def timeout_s(self, payload: ExperimentRequest) -> float:
         """The deadline this experiment asks the consumer for."""
@@ -331,6 +363,7 @@ class ExperimentRunner:
 
     def __call__(self, payload: ExperimentRequest, ctx: WorkContext) -> dict[str, Any]:
         self.sandbox.check()  # SandboxUnavailable before anything is cloned
+        source = self._admit(payload)
         started = self.monotonic()
         # finish (rolled back and recorded) a little before the consumer's own deadline, so that
         # the timeout it reports is ours, with its details
@@ -343,20 +376,39 @@ class ExperimentRunner:
                 self._running += 1
                 self.peak_running = max(self.peak_running, self._running)
             try:
-                return self._run(payload, ctx, started, deadline)
+                return self._run(payload, ctx, started, deadline, source)
             finally:
                 with self._running_lock:
                     self._running -= 1
 
+    def _admit(self, request: ExperimentRequest) -> Source:
+        """The allowed source of request.repo, and (local ones) base_ref found in it: the one
+        RepositoryUnavailable otherwise, with the same details whatever the reason."""
+        try:
+            source = self.allow.resolve(request.repo)
+            if source.local is not None:
+                Workspace.local_baseline(source, request.base_ref, self.allow)
+        except GenesisError as exc:
+            exc.details = {**exc.details, **request.identifiers(), "rolled_back": False}
+            raise
+        return source
+
     def _claim(self, request: ExperimentRequest, stack: ExitStack) -> None:
-        """One run per experiment_id at a time in this process: two would share one sandbox copy."""
+        """One run per experiment_id at a time: in this process (a set), and across every consumer
+        of the database (an advisory lock held until the experiment is over). Two runs would share
+        one sandbox copy; the second is retried later."""
+        busy = ExperimentBusy(f"experiment {request.experiment_id} is being run by another consumer; retried later",
+                              details={**request.identifiers(), "rolled_back": False})
         with self._running_lock:
             if request.experiment_id in self._active:
-                raise ExperimentSlotsBusy(f"experiment {request.experiment_id} is already running here",
-                                          details={"experiment_id": request.experiment_id,
-                                                   "instance_id": request.instance_id, "rolled_back": False})
+                raise busy
             self._active.add(request.experiment_id)
         stack.callback(self._active.discard, request.experiment_id)
+        lock = self.records.experiment_lock(request.experiment_id)
+        if not lock.__enter__():
+            lock.__exit__(None, None, None)
+            raise busy
+        stack.push(lock)
 
     def _take_slots(self, request: ExperimentRequest, ctx: WorkContext, deadline: float, stack: ExitStack) -> None:
         """One of max_experiments_concurrent slots in this process (a semaphore), then one shared
@@ -382,17 +434,21 @@ class ExperimentRunner:
                 details={"experiment_id": request.experiment_id, "instance_id": request.instance_id,
                          "rolled_back": False})
 
-    def _run(self, request: ExperimentRequest, ctx: WorkContext, started: float, deadline: float) -> dict[str, Any]:
+    def _run(self, request: ExperimentRequest, ctx: WorkContext, started: float, deadline: float,
+             source: Source) -> dict[str, Any]:
         ids = {"experiment_id": request.experiment_id, "instance_id": request.instance_id}
         workspace = Workspace(self.settings.sandboxes_dir, request.experiment_id)
         attempt = _Attempt(workspace, started, deadline)
-        self.records.experiment_started(ExperimentStart(
+        owned = self.records.experiment_started(ExperimentStart(
             experiment_id=request.experiment_id, instance_id=request.instance_id,
             experiment_type=request.experiment_type, description=request.description,
             risk_level=request.risk_level, repo=request.repo, base_ref=request.base_ref,
             sandbox_path=str(workspace.path)))
+        if not owned:   # before anything is touched: the copy and the record are the other instance's
+            raise ExperimentIdTaken(f"experiment_id {request.experiment_id!r} belongs to another instance_id; "
+                                    "choose another id", details={**ids, "rolled_back": False})
         try:
-            return self._experiment(request, ctx, attempt, ids)
+            return self._experiment(request, ctx, attempt, ids, source)
         except ExperimentTimedOut as exc:
             self._give_up(request, attempt, rollback=True)
             error = WorkflowTimeout(f"experiment {request.experiment_id} ran past its timeout: {exc}",
@@ -416,16 +472,18 @@ class ExperimentRunner:
             raise
 
     def _experiment(self, request: ExperimentRequest, ctx: WorkContext, attempt: _Attempt,
-                    ids: dict[str, str]) -> dict[str, Any]:
+                    ids: dict[str, str], source: Source) -> dict[str, Any]:
         workspace = attempt.workspace
-        self._sandboxes_dir_ready()
+        maintenance.enforce_instance_caps(self.settings, self.records, request.instance_id,
+                                          starting=request.experiment_id)
         if workspace.path.exists():   # left by an earlier attempt (a killed consumer, a retry): reaped, on record
             self.records.sandbox_event(request.experiment_id, str(workspace.path), "cleaned_up",
                                        size_bytes=workspace.size_bytes(),
                                        detail=f"replaced by attempt {ctx.attempt}")
         try:
-            attempt.baseline_commit = workspace.create(request.repo, request.base_ref,
-                                                       timeout_s=self._check_time(ctx, attempt))
+            attempt.baseline_commit = workspace.create(
+                source, request.base_ref, allow=self.allow, max_bytes=self.settings.experiment_max_copy_mb * 2**20,
+                timeout_s=self._check_time(ctx, attempt))
         except GenesisError:
             self._check_time(ctx, attempt)  # a clone cut short by the deadline is a timeout
             raise
@@ -518,21 +576,6 @@ class ExperimentRunner:
 
     # -- running the tests ---------------------------------------------------------------------
 
-    def _sandboxes_dir_ready(self) -> None:
-        """The sandbox's uid must be able to reach the copy (bwrap binds it as that uid)."""
-        sandboxes = self.settings.sandboxes_dir
-        sandboxes.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() != 0:
-            return
-        if stat.S_IMODE(sandboxes.stat().st_mode) & 0o001 == 0:
-            sandboxes.chmod(stat.S_IMODE(sandboxes.stat().st_mode) | 0o711)
-        for folder in [sandboxes.resolve(), *sandboxes.resolve().parents]:
-            if stat.S_IMODE(folder.stat().st_mode) & 0o001 == 0:
-                raise SandboxUnavailable(
-                    f"the sandbox's unprivileged user cannot reach {sandboxes}: {folder} is not traversable "
-                    f"(chmod o+x {folder}, or point GENESIS_HOME somewhere else, e.g. /var/lib/genesis)",
-                    details={"sandboxes_dir": str(sandboxes), "blocking": str(folder)})
-
     def _check_time(self, ctx: WorkContext, attempt: _Attempt) -> float:
         if ctx.cancelled.is_set():
             raise ExperimentTimedOut("cancelled")
@@ -581,16 +624,17 @@ class ExperimentRunner:
             env["PYTHONPATH"] = os.pathsep.join(str(p) for p in self.python_path)
         limits = dataclasses.replace(self.limits, wall_s=min(self.limits.wall_s, left),
                                      cpu_s=max(1, min(self.limits.cpu_s, math.ceil(left))))
-        report = workspace.path / JUNIT_FILE
-        report.unlink(missing_ok=True)
-        result = self.sandbox.run(argv, writable=workspace.path, env=env, ro_paths=self.python_path,
-                                  limits=limits, timeout_s=left, cancelled=ctx.cancelled)
+        (workspace.path / JUNIT_FILE).unlink(missing_ok=True)
+        with workspace.scratch(max_bytes=self.settings.experiment_scratch_mb * 2**20,
+                               max_inodes=self.settings.experiment_scratch_inodes) as root:
+            result = self.sandbox.run(argv, writable=root, env=env, ro_paths=self.python_path,
+                                      limits=limits, timeout_s=left, cancelled=ctx.cancelled)
+            text = read_report(root / JUNIT_FILE)
         if result.timed_out or result.cancelled:
             raise ExperimentTimedOut(f"the test suite was still running after {result.duration_s:.1f}s"
                                      if result.timed_out else "cancelled")
         if result.returncode != 0 and result.stderr.startswith("bwrap:"):
             raise SandboxUnavailable(f"the sandbox could not start the tests: {result.stderr.strip()[:500]}")
-        text = read_report(report)
         outcomes: dict[str, Outcome] = {}
         measured = False
         if text is not None:

@@ -1,7 +1,7 @@
 -- The records of ExperimentRunner and of sandbox maintenance. Named blocks: see store/queries.py.
 
 -- name: experiment_start
--- Record that an experiment (or a new attempt at it) has started; a new attempt clears the last one's outcome.
+-- Record that an experiment (or a new attempt at it by the same instance) has started; no row if another instance owns the id.
 INSERT INTO genesis.experiments AS e (experiment_id, instance_id, experiment_type, description, risk_level, repo,
                                       base_ref, status, attempts, sandbox_path, started_at, updated_at)
 VALUES (%(experiment_id)s, %(instance_id)s, %(experiment_type)s, %(description)s, %(risk_level)s, %(repo)s,
@@ -14,6 +14,8 @@ ON CONFLICT (experiment_id) DO UPDATE
         success_rate = NULL, regression = NULL, baseline_success_rate = NULL, test_count = NULL,
         failures = NULL, duration_ms = NULL, recommendation = NULL, rolled_back = false, error = NULL,
         started_at = now(), finished_at = NULL, updated_at = now()
+    WHERE e.instance_id = EXCLUDED.instance_id
+RETURNING attempts
 
 -- name: experiment_set_commits
 -- Record an experiment's baseline commit and, once made, the commit of its change.
@@ -93,6 +95,19 @@ SELECT pg_try_advisory_lock(hashtext('genesis.maintenance'), hashtext(%(job)s)) 
 -- name: maintenance_unlock
 -- Release the advisory lock of one maintenance job.
 SELECT pg_advisory_unlock(hashtext('genesis.maintenance'), hashtext(%(job)s)) AS unlocked
+
+-- name: experiment_owners
+-- Who owns each of some experiments, and how far they got (for the caps on kept sandbox copies).
+SELECT experiment_id, instance_id, status, started_at, finished_at
+FROM genesis.experiments WHERE experiment_id = ANY(%(ids)s::text[])
+
+-- name: experiment_try_lock
+-- Take the session-level advisory lock of one experiment_id if no other consumer holds it.
+SELECT pg_try_advisory_lock(hashtext('genesis.experiment'), hashtext(%(experiment_id)s)) AS locked
+
+-- name: experiment_unlock
+-- Release the advisory lock of one experiment_id.
+SELECT pg_advisory_unlock(hashtext('genesis.experiment'), hashtext(%(experiment_id)s)) AS unlocked
 
 -- name: experiment_slot_try_lock
 -- Take one of the experiment slots (max_experiments_concurrent across every consumer) if it is free.

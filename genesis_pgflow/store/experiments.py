@@ -1,5 +1,10 @@
 """Experiment records: experiments, their test runs and their sandboxes' history, and the advisory
-locks that let one consumer at a time run a maintenance job.
+locks that let one consumer at a time run a maintenance job or a given experiment.
+
+An experiment_id belongs to the instance_id that first used it: `experiment_started` refuses (returns
+False, changing nothing) an id recorded for another instance. A run's `output_tail` is the last
+OUTPUT_TAIL_CHARS characters of what its test suite printed; it may hold anything the code under
+test could read, so `show_experiment` leaves it out unless asked (`output=True`).
 
 `ExperimentRecords` is the seam; `PgExperimentRecords` keeps the records in the genesis schema
 (sql/experiments.sql) and `MemoryExperimentRecords` is its in-memory twin. One conformance suite
@@ -29,6 +34,7 @@ EXPERIMENT_COLUMNS = (
     "started_at", "finished_at",
 )
 METRICS = ("success_rate", "regression", "baseline_success_rate", "test_count", "failures", "duration_ms")
+OUTPUT_TAIL_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,9 @@ class RunRecord:
 class ExperimentRecords(Protocol):
     """Where ExperimentRunner and sandbox maintenance keep what they did."""
 
-    def experiment_started(self, start: ExperimentStart) -> None:
-        """A new experiment, or a new attempt at one (its previous outcome is cleared)."""
+    def experiment_started(self, start: ExperimentStart) -> bool:
+        """A new experiment, or a new attempt at one (its previous outcome is cleared); False, and
+        nothing changed, if the experiment_id is recorded for another instance_id."""
 
     def commits_recorded(self, experiment_id: str, *, baseline_commit: str | None = None,
                          change_commit: str | None = None) -> None:
@@ -97,8 +104,12 @@ class ExperimentRecords(Protocol):
     def list_experiments(self, *, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """The latest experiments, newest first."""
 
-    def show_experiment(self, experiment_id: str) -> dict[str, Any] | None:
-        """One experiment with "metrics", its "runs" and its "sandbox_events"; None if unknown."""
+    def show_experiment(self, experiment_id: str, *, output: bool = False) -> dict[str, Any] | None:
+        """One experiment with "metrics", its "runs" and its "sandbox_events"; None if unknown. The
+        runs' output_tail only with output=True."""
+
+    def experiment_owners(self, experiment_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """experiment_id -> {"instance_id", "status", "started_at", "finished_at"} of the known ones."""
 
     def sandbox_events(self, *, experiment_id: str | None = None, event: str | None = None,
                        limit: int = 1000) -> list[dict[str, Any]]:
@@ -112,6 +123,10 @@ class ExperimentRecords(Protocol):
         """A context manager yielding True if this caller now holds one of `limit` experiment slots
         shared by every consumer of the database, False if all are taken (never waits)."""
 
+    def experiment_lock(self, experiment_id: str) -> Any:
+        """A context manager yielding True if this caller now holds the experiment_id (one consumer
+        at a time across every consumer of the database), False if another holds it (never waits)."""
+
 
 def with_metrics(row: dict[str, Any]) -> dict[str, Any]:
     """An experiment row with its metrics gathered under "metrics" too (as in the handler's result)."""
@@ -121,6 +136,10 @@ def with_metrics(row: dict[str, Any]) -> dict[str, Any]:
 def _check_event(event: str) -> None:
     if event not in SANDBOX_EVENTS:
         raise ValueError(f"unknown sandbox event {event!r}; known: {', '.join(SANDBOX_EVENTS)}")
+
+
+def _without_output(runs: list[dict[str, Any]], output: bool) -> list[dict[str, Any]]:
+    return runs if output else [{k: v for k, v in run.items() if k != "output_tail"} for run in runs]
 
 
 def _finish_params(experiment_id: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -143,8 +162,8 @@ class PgExperimentRecords:
     def _execute(self, query: str, params: dict[str, Any]) -> None:
         self.db.run(lambda conn: conn.execute(query, params))
 
-    def experiment_started(self, start: ExperimentStart) -> None:
-        self._execute(sql("experiment_start"), asdict(start))
+    def experiment_started(self, start: ExperimentStart) -> bool:
+        return self.db.run(lambda conn: conn.execute(sql("experiment_start"), asdict(start)).fetchone()) is not None
 
     def commits_recorded(self, experiment_id: str, *, baseline_commit: str | None = None,
                          change_commit: str | None = None) -> None:
@@ -154,6 +173,7 @@ class PgExperimentRecords:
     def run_recorded(self, experiment_id: str, run: RunRecord) -> None:
         self._execute(sql("experiment_run_insert"), {
             **asdict(run), "experiment_id": experiment_id, "command": Jsonb(run.command),
+            "output_tail": run.output_tail[-OUTPUT_TAIL_CHARS:],
             "test_count": run.test_count, "success_rate": run.success_rate})
 
     def experiment_finished(self, experiment_id: str, result: dict[str, Any]) -> None:
@@ -176,7 +196,7 @@ class PgExperimentRecords:
                                                      {"status": status, "limit": limit}).fetchall())
         return [with_metrics(row) for row in rows]
 
-    def show_experiment(self, experiment_id: str) -> dict[str, Any] | None:
+    def show_experiment(self, experiment_id: str, *, output: bool = False) -> dict[str, Any] | None:
         def tx(conn: Conn) -> dict[str, Any] | None:
             row = conn.execute(sql("experiment_get"), {"experiment_id": experiment_id}).fetchone()
             if row is None:
@@ -184,8 +204,14 @@ class PgExperimentRecords:
             runs = conn.execute(sql("experiment_runs_of"), {"experiment_id": experiment_id}).fetchall()
             events = conn.execute(sql("sandbox_events_list"), {"experiment_id": experiment_id, "event": None,
                                                                "limit": 1000}).fetchall()
-            return {**with_metrics(row), "runs": runs, "sandbox_events": events}
+            return {**with_metrics(row), "runs": _without_output(runs, output), "sandbox_events": events}
         return self.db.run(tx)
+
+    def experiment_owners(self, experiment_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not experiment_ids:
+            return {}
+        rows = self.db.run(lambda conn: conn.execute(sql("experiment_owners"), {"ids": experiment_ids}).fetchall())
+        return {row["experiment_id"]: {k: v for k, v in row.items() if k != "experiment_id"} for row in rows}
 
     def sandbox_events(self, *, experiment_id: str | None = None, event: str | None = None,
                        limit: int = 1000) -> list[dict[str, Any]]:
@@ -226,6 +252,19 @@ class PgExperimentRecords:
                     return
             yield False
 
+    @contextmanager
+    def experiment_lock(self, experiment_id: str) -> Iterator[bool]:
+        # Session-level, on a connection of its own held for the whole experiment (like a slot):
+        # the lock goes with the connection if this process dies, and a second consumer given the
+        # same id meanwhile is told at once rather than made to wait.
+        with psycopg.connect(self.db.dsn, autocommit=True, connect_timeout=10) as conn:
+            locked = bool(one(conn.execute(sql("experiment_try_lock"), {"experiment_id": experiment_id}))[0])
+            try:
+                yield locked
+            finally:
+                if locked and not conn.closed:
+                    conn.execute(sql("experiment_unlock"), {"experiment_id": experiment_id})
+
 
 # --- in memory ------------------------------------------------------------------------------
 
@@ -247,13 +286,16 @@ class MemoryExperimentRecords:
     events: list[dict[str, Any]] = field(default_factory=list)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
 
-    def experiment_started(self, start: ExperimentStart) -> None:
+    def experiment_started(self, start: ExperimentStart) -> bool:
         with self._mutex:
             previous = self.experiments.get(start.experiment_id)
+            if previous is not None and previous["instance_id"] != start.instance_id:
+                return False
             row: dict[str, Any] = {name: None for name in EXPERIMENT_COLUMNS}
             row.update(asdict(start), status="running", rolled_back=False, started_at=self.now(),
                        attempts=(previous["attempts"] + 1) if previous else 1)
             self.experiments[start.experiment_id] = row
+            return True
 
     def commits_recorded(self, experiment_id: str, *, baseline_commit: str | None = None,
                          change_commit: str | None = None) -> None:
@@ -268,7 +310,8 @@ class MemoryExperimentRecords:
             row = self.experiments.get(experiment_id)
             if row is None:
                 return
-            record = {"attempt": row["attempts"], **asdict(run), "test_count": run.test_count,
+            record = {"attempt": row["attempts"], **asdict(run), "output_tail": run.output_tail[-OUTPUT_TAIL_CHARS:],
+                      "test_count": run.test_count,
                       "success_rate": run.success_rate, "recorded_at": self.now()}
             record["commit_sha"] = record.pop("commit")
             self.runs.append({"experiment_id": experiment_id, **record})
@@ -304,15 +347,20 @@ class MemoryExperimentRecords:
         rows.sort(key=lambda r: r["started_at"], reverse=True)
         return [with_metrics(row) for row in rows[:limit]]
 
-    def show_experiment(self, experiment_id: str) -> dict[str, Any] | None:
+    def show_experiment(self, experiment_id: str, *, output: bool = False) -> dict[str, Any] | None:
         with self._mutex:
             row = self.experiments.get(experiment_id)
             if row is None:
                 return None
             runs = [{k: v for k, v in r.items() if k != "experiment_id"} for r in self.runs
                     if r["experiment_id"] == experiment_id]
-        return {**with_metrics(dict(row)), "runs": runs,
+        return {**with_metrics(dict(row)), "runs": _without_output(runs, output),
                 "sandbox_events": self.sandbox_events(experiment_id=experiment_id)}
+
+    def experiment_owners(self, experiment_ids: list[str]) -> dict[str, dict[str, Any]]:
+        with self._mutex:
+            return {i: {k: self.experiments[i][k] for k in ("instance_id", "status", "started_at", "finished_at")}
+                    for i in experiment_ids if i in self.experiments}
 
     def sandbox_events(self, *, experiment_id: str | None = None, event: str | None = None,
                        limit: int = 1000) -> list[dict[str, Any]]:
@@ -344,3 +392,14 @@ class MemoryExperimentRecords:
                     lock.release()
                 return
         yield False
+
+    @contextmanager
+    def experiment_lock(self, experiment_id: str) -> Iterator[bool]:
+        with self._mutex:
+            lock = self.locks.setdefault(f"experiment:{experiment_id}", threading.Lock())
+        locked = lock.acquire(blocking=False)
+        try:
+            yield locked
+        finally:
+            if locked:
+                lock.release()

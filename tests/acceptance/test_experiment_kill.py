@@ -57,7 +57,8 @@ def test_a_consumer_killed_mid_experiment(db_dsn: str, genesis_home: Path, slow_
                                           background: Callable[..., Any]) -> None:
     head, status = git(slow_repo, "rev-parse", "HEAD"), git(slow_repo, "status", "--porcelain")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GENESIS_", "DATABASE_URL"))}
-    env.update(GENESIS_HOME=str(genesis_home), GENESIS_DATABASE_URL=db_dsn, GENESIS_LEASE_S="2")
+    env.update(GENESIS_HOME=str(genesis_home), GENESIS_DATABASE_URL=db_dsn, GENESIS_LEASE_S="2",
+               GENESIS_REPO_ALLOW=str(slow_repo.parent))
     request = {"type": "genesis_experiment_request", "experiment_id": "exp-kill", "instance_id": "s1",
                "experiment_type": "refactor", "description": "docstring", "risk_level": "high",
                "repo": str(slow_repo), "timeout_ms": 120000,

@@ -56,7 +56,7 @@ def test_every_workflow_through_the_app(db_dsn: str, genesis_home: Path, tmp_pat
         "experiment_type": "refactor", "description": "docstring", "risk_level": "low", "repo": str(repo),
         "changes": {"files": [{"path": "calc.py", "content": '"""c"""\ndef add(a, b):\n    return a + b\n'}]}})
 
-    app = App.open(Settings(dsn=db_dsn, home=genesis_home, drain=True, poll_interval_ms=50))
+    app = App.open(Settings(dsn=db_dsn, home=genesis_home, drain=True, poll_interval_ms=50, repo_allow=str(tmp_path)))
     try:
         app.consumer().run()
     finally:

@@ -241,7 +241,6 @@ def test_an_experiment_recorded_in_postgres(db_dsn: str, genesis_home: Path, tmp
     sandbox = Sandbox()
     if not sandbox.available:
         pytest.skip("the sandbox (bubblewrap) is not available here")
-    genesis_home.chmod(0o755)
     repo = tmp_path / "repo"
     (repo / "tests").mkdir(parents=True)
     (repo / "tests" / "test_it.py").write_text("def test_it():\n    assert True\n")
@@ -254,7 +253,7 @@ def test_an_experiment_recorded_in_postgres(db_dsn: str, genesis_home: Path, tmp
         "changes": {"files": [{"path": "extra.py", "content": "X = 1\n"}]}})
     with Database(db_dsn, max_size=2) as db:
         records = PgExperimentRecords(db)
-        runner = ExperimentRunner(Settings(home=genesis_home), records, sandbox)
+        runner = ExperimentRunner(Settings(home=genesis_home, repo_allow=str(tmp_path)), records, sandbox)
         result = runner(payload, WorkContext("genesis_experiment_requests", 1, 1, "wf", time.monotonic() + 60))
         shown = records.show_experiment("pg-1")
     assert (result["status"], result["recommendation"]) == ("success", "merge_with_review")  # high risk

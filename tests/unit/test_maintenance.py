@@ -20,7 +20,7 @@ from genesis_pgflow.maintenance import (
 )
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.experiments import MemoryExperimentRecords
-from genesis_pgflow.workspace import Workspace, tree_size
+from genesis_pgflow.workspace import RepoAllow, Workspace, tree_size
 
 DAY = 86_400.0
 NOW = 2_000_000_000.0
@@ -37,6 +37,11 @@ def make_repo(path: Path) -> Path:
     return path
 
 
+def create_copy(workspace: Workspace, repo: Path) -> str:
+    allow = RepoAllow.parse(str(repo.parent), home=workspace.sandboxes_dir.parent)
+    return workspace.create(allow.resolve(str(repo)), allow=allow)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(home=tmp_path / "home", sandbox_max_age_days=7, experiment_timeout_ms=3_600_000)
@@ -49,7 +54,7 @@ def repo(tmp_path: Path) -> Path:
 
 def sandbox_aged(settings: Settings, repo: Path, experiment_id: str, age_s: float) -> Workspace:
     workspace = Workspace(settings.sandboxes_dir, experiment_id)
-    workspace.create(repo)
+    create_copy(workspace, repo)
     for path in (workspace.path, workspace.git_dir):
         os.utime(path, (NOW - age_s, NOW - age_s))
     return workspace

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from genesis_pgflow.workspace import (
-    BaseRefNotFound,
+    UNAVAILABLE,
     PatchDoesNotApply,
     PathEscapesSandbox,
+    RepoAllow,
     RepositoryUnavailable,
     Workspace,
     branch_name,
@@ -29,6 +30,12 @@ BASE_FILES = {
 
 def make_repo(path: Path, files: dict[str, str] = BASE_FILES) -> Path:
     return build_repo(path, files)
+
+
+def create_copy(workspace: Workspace, repo: Path, base_ref: str = "HEAD", **options: object) -> str:
+    """workspace.create with repo's parent folder as the one allowed root."""
+    allow = RepoAllow.parse(str(repo.parent), home=workspace.sandboxes_dir.parent)
+    return workspace.create(allow.resolve(str(repo)), base_ref, allow=allow, **options)  # type: ignore[arg-type]
 
 
 def arm_traps(repo: Path, marker: Path) -> None:
@@ -70,7 +77,7 @@ def test_copy_is_at_base_ref_on_its_own_branch(tmp_path: Path, sandboxes: Path) 
     before = repo_state(source)
     workspace = Workspace(sandboxes, "exp-1")
 
-    baseline = workspace.create(source, "HEAD~1")
+    baseline = create_copy(workspace, source, "HEAD~1")
     assert repo_state(source) == before
 
     assert baseline == first == workspace.head()
@@ -88,7 +95,7 @@ def test_copy_is_at_base_ref_on_its_own_branch(tmp_path: Path, sandboxes: Path) 
 
 def test_files_change_is_committed_and_rolled_back(source: Path, sandboxes: Path) -> None:
     workspace = Workspace(sandboxes, "exp-2")
-    baseline = workspace.create(source)
+    baseline = create_copy(workspace, source)
     workspace.apply_files([("calc.py", "def add(a, b):\n    return b + a\n"), ("new/module.py", "X = 1\n")])
     change = workspace.commit("experiment exp-2")
     assert change != baseline and workspace.status() == ""
@@ -103,7 +110,7 @@ def test_files_change_is_committed_and_rolled_back(source: Path, sandboxes: Path
 
 def test_patch_applies_after_check(source: Path, sandboxes: Path) -> None:
     workspace = Workspace(sandboxes, "exp-3")
-    workspace.create(source)
+    create_copy(workspace, source)
     patch = ("diff --git a/calc.py b/calc.py\n--- a/calc.py\n+++ b/calc.py\n@@ -1,2 +1,2 @@\n"
              " def add(a, b):\n-    return a + b\n+    return sum((a, b))\n")
     workspace.apply_patch(patch)
@@ -112,7 +119,7 @@ def test_patch_applies_after_check(source: Path, sandboxes: Path) -> None:
 
 def test_patch_that_does_not_apply_is_refused_untouched(source: Path, sandboxes: Path) -> None:
     workspace = Workspace(sandboxes, "exp-4")
-    workspace.create(source)
+    create_copy(workspace, source)
     patch = "--- a/calc.py\n+++ b/calc.py\n@@ -1,2 +1,2 @@\n def add(a, b):\n-    return a * b\n+    return 0\n"
     with pytest.raises(PatchDoesNotApply) as caught:
         workspace.apply_patch(patch)
@@ -124,7 +131,7 @@ def test_patch_that_does_not_apply_is_refused_untouched(source: Path, sandboxes:
                                   "sub/.GIT/config", ".git"])
 def test_file_paths_outside_the_copy_are_refused(source: Path, sandboxes: Path, tmp_path: Path, path: str) -> None:
     workspace = Workspace(sandboxes, "exp-5")
-    workspace.create(source)
+    create_copy(workspace, source)
     with pytest.raises(PathEscapesSandbox) as caught:
         workspace.apply_files([(path, "pwned\n")])
     assert caught.value.code == "path_escapes_sandbox"
@@ -140,7 +147,7 @@ def test_a_path_through_a_symlink_out_of_the_copy_is_refused(tmp_path: Path, san
     plain_git(repo, "add", "escape")
     plain_git(repo, "commit", "-qm", "a symlink out")
     with pytest.raises(PathEscapesSandbox, match="escape"):
-        Workspace(sandboxes, "exp-6").create(repo)
+        create_copy(Workspace(sandboxes, "exp-6"), repo)
     assert list(outside.iterdir()) == []
 
 
@@ -151,7 +158,7 @@ def test_a_symlink_inside_the_copy_is_fine_but_writing_through_one_out_is_not(tm
     plain_git(repo, "add", "alias.py")
     plain_git(repo, "commit", "-qm", "an inner symlink")
     workspace = Workspace(sandboxes, "exp-7")
-    workspace.create(repo)
+    create_copy(workspace, repo)
     workspace.apply_files([("alias.py", "X = 2\n")])
     assert (workspace.path / "calc.py").read_text() == "X = 2\n"
     # a symlink a test run planted (the copy is restored before changes are applied, but a
@@ -164,7 +171,7 @@ def test_a_symlink_inside_the_copy_is_fine_but_writing_through_one_out_is_not(tm
 
 def test_a_patch_creating_a_symlink_out_is_refused(source: Path, sandboxes: Path) -> None:
     workspace = Workspace(sandboxes, "exp-8")
-    workspace.create(source)
+    create_copy(workspace, source)
     patch = ("diff --git a/out b/out\nnew file mode 120000\n--- /dev/null\n+++ b/out\n@@ -0,0 +1 @@\n"
              "+/etc\n\\ No newline at end of file\n")
     with pytest.raises(PathEscapesSandbox):
@@ -173,7 +180,7 @@ def test_a_patch_creating_a_symlink_out_is_refused(source: Path, sandboxes: Path
 
 def test_a_patch_reaching_out_with_dotdot_is_refused(source: Path, sandboxes: Path, tmp_path: Path) -> None:
     workspace = Workspace(sandboxes, "exp-9")
-    workspace.create(source)
+    create_copy(workspace, source)
     patch = "--- /dev/null\n+++ b/../../../escaped.py\n@@ -0,0 +1 @@\n+pwned\n"
     with pytest.raises((PathEscapesSandbox, PatchDoesNotApply)):
         workspace.apply_patch(patch)
@@ -187,7 +194,7 @@ def test_hooks_fsmonitor_and_filters_of_the_repository_never_run(tmp_path: Path,
     before = repo_state(repo)
     workspace = Workspace(sandboxes, "exp-10")
 
-    baseline = workspace.create(repo)
+    baseline = create_copy(workspace, repo)
     workspace.apply_files([("calc.py", "X = 3\n")])
     workspace.commit("change")
     workspace.rollback(baseline)
@@ -200,7 +207,7 @@ def test_a_test_run_planting_git_config_in_the_copy_changes_nothing(source: Path
                                                                     tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     workspace = Workspace(sandboxes, "exp-11")
-    baseline = workspace.create(source)
+    baseline = create_copy(workspace, source)
     # what code under test could do: point .git at a git directory of its own, with a hook
     evil = workspace.path / "evil"
     (evil / "hooks").mkdir(parents=True)
@@ -220,24 +227,24 @@ def test_a_test_run_planting_git_config_in_the_copy_changes_nothing(source: Path
     assert workspace.head() != baseline
 
 
-def test_unknown_repository_and_base_ref(tmp_path: Path, source: Path, sandboxes: Path) -> None:
-    with pytest.raises(RepositoryUnavailable):
-        Workspace(sandboxes, "exp-12").create(tmp_path / "missing")
+def test_unknown_repository_and_base_ref_are_one_error(tmp_path: Path, source: Path, sandboxes: Path) -> None:
     (tmp_path / "plain").mkdir()
-    with pytest.raises(RepositoryUnavailable):
-        Workspace(sandboxes, "exp-12").create(tmp_path / "plain")
-    with pytest.raises(BaseRefNotFound):
-        Workspace(sandboxes, "exp-12").create(source, "no-such-branch")
-    with pytest.raises(BaseRefNotFound):
-        Workspace(sandboxes, "exp-12").create(source, "--output=/tmp/x")
+    for repo, ref in [(tmp_path / "missing", "HEAD"), (tmp_path / "plain", "HEAD"), (source, "no-such-branch"),
+                      (source, "--output=/tmp/x")]:
+        with pytest.raises(RepositoryUnavailable) as caught:
+            create_copy(Workspace(sandboxes, "exp-12"), repo, ref)
+        assert (caught.value.code, caught.value.message, caught.value.details) == (
+            "repository_unavailable", UNAVAILABLE, {})
+    assert not (sandboxes / "exp-12").exists()
+    assert not Path("/tmp/x").exists()
 
 
 def test_a_second_attempt_replaces_the_first_copy(source: Path, sandboxes: Path) -> None:
     first = Workspace(sandboxes, "exp-13")
-    first.create(source)
+    create_copy(first, source)
     (first.path / "leftover").write_text("x")
     again = Workspace(sandboxes, "exp-13")
-    again.create(source)
+    create_copy(again, source)
     assert not (again.path / "leftover").exists() and again.status() == ""
 
 
@@ -260,7 +267,7 @@ def test_git_ignores_the_consumers_own_git_environment(source: Path, sandboxes: 
     monkeypatch.setenv("GIT_CONFIG_KEY_0", "core.hooksPath")
     monkeypatch.setenv("GIT_CONFIG_VALUE_0", str(tmp_path))
     workspace = Workspace(sandboxes, "exp-14")
-    baseline = workspace.create(source)
+    baseline = create_copy(workspace, source)
     workspace.apply_files([("calc.py", "X = 5\n")])
     assert workspace.commit("change") != baseline
     assert not marker.exists()
