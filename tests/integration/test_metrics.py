@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from genesis_pgflow import metrics
 from genesis_pgflow.app import App
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.metrics import DatabaseReading, PgDatabaseProbe
+from genesis_pgflow.testing import wait_until
 
 pytestmark = pytest.mark.db
 
@@ -213,3 +215,37 @@ def test_json_logs_are_one_object_a_line_with_an_iso_utc_timestamp(db_dsn: str, 
         assert dt.datetime.fromisoformat(entry["ts"]).utcoffset() == dt.timedelta(0)
         assert entry["ts"].endswith("+00:00")
     assert any(e["message"].startswith("metrics on http://127.0.0.1:") for e in entries)
+
+
+def probe_waits_on_a_lock(dsn: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'genesis-metrics' "
+                            "AND wait_event_type = 'Lock'").fetchone() is not None
+
+
+def test_a_scrape_does_not_wait_for_another_scrapes_reading(app: App, db_dsn: str) -> None:
+    send(db_dsn, RULES, rule(1))
+    watched = metrics.ConsumerMetrics(app.consumer(), probe=PgDatabaseProbe(db_dsn, statement_timeout_ms=120_000),
+                                      db=app.db, cache_s=0)
+    server = metrics.serve(watched, "127.0.0.1", 0)
+    port = server.server_address[1]
+    blocked: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
+    try:
+        assert sample(scrape(port), "genesis_queue_depth", queue=RULES) == 1
+        send(db_dsn, RULES, rule(2))
+        with psycopg.connect(db_dsn) as locker:        # a DBA's lock holds the next reading up
+            locker.execute("LOCK TABLE genesis.alembic_version IN ACCESS EXCLUSIVE MODE")
+            first = threading.Thread(target=lambda: blocked.append(scrape(port)))
+            first.start()
+            wait_until(lambda: probe_waits_on_a_lock(db_dsn), what="the probe waiting on the lock")
+            found = scrape(port)                        # answered at once, from the previous reading
+            assert sample(found, "genesis_queue_depth", queue=RULES) == 1
+            assert sample(found, "genesis_database_up") == 1
+            assert first.is_alive() and not blocked
+            locker.rollback()
+        first.join(timeout=60)
+        assert sample(blocked[0], "genesis_queue_depth", queue=RULES) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+        watched.close()
