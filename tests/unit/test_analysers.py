@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from genesis_pgflow.analysers import (
+    TOOL_LIMITS,
     Function,
     Issue,
     Toolchain,
@@ -18,6 +24,8 @@ from genesis_pgflow.analysers import (
     python,
     registry,
 )
+from genesis_pgflow.cgroups import V1Hierarchy
+from genesis_pgflow.errors import AnalyserFailed, PermanentError, ResourceLimit
 from genesis_pgflow.sandbox import Limits, Sandbox
 
 
@@ -328,3 +336,63 @@ def test_the_registry_covers_the_table(tools):
         for analysis_type in ("quality", "linting", "security", "testing"):
             assert (language, analysis_type) in analysers
     assert ("go", "quality") in analysers and ("go", "linting") not in analysers
+
+
+# --- analysers bounded like the sandbox (issue 7) --------------------------------------------------------------------
+
+MiB = 2**20
+# 20,000 small functions (~0.9 MiB): radon needs ~200 MiB and ~4 CPU-seconds for them
+MANY_FUNCTIONS_PY = "".join(f"def f{i}(a):\n    if a:\n        return 1\n    return 2\n" for i in range(20_000))
+
+
+def bounded(tools: Toolchain, **limits) -> Toolchain:
+    return replace(tools, tool_limits=replace(TOOL_LIMITS, **limits), deadline=time.monotonic() + 60)
+
+
+def own_tool_cgroups(box: Sandbox) -> list[str]:
+    """This process's analyser cgroups still on the host (other processes' runs are theirs)."""
+    hierarchy = box.hierarchy
+    parents = hierarchy.parents.values() if isinstance(hierarchy, V1Hierarchy) else [hierarchy.parent]
+    prefix = f"tool-{os.getpid()}-"
+    return [entry.name for parent in parents for entry in os.scandir(parent) if entry.name.startswith(prefix)]
+
+
+@pytest.mark.sandbox
+def test_an_analyser_past_its_memory_fails_resource_limit_and_the_consumer_is_untouched(tools):
+    if tools.sandbox.hierarchy is None:
+        pytest.skip("without a cgroup an analyser's memory is an rlimit: it fails as analyser_failed")
+    consumer_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with pytest.raises(ResourceLimit) as raised:
+        registry(tools)[("python", "quality")](MANY_FUNCTIONS_PY, bounded(tools, memory_bytes=96 * MiB))
+    assert raised.value.code == "resource_limit" and isinstance(raised.value, PermanentError)
+    assert raised.value.details["limit"] == "memory" and "memory limit (96 MiB)" in raised.value.message
+    assert raised.value.details["memory_peak_bytes"] <= 96 * MiB  # the kernel's high-water mark of its cgroup
+    # the analysis ran in a process of its own: the consumer's own peak did not take it on
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - consumer_peak < 32 * MiB
+    assert own_tool_cgroups(tools.sandbox) == []
+
+
+@pytest.mark.sandbox
+@pytest.mark.parametrize("use_cgroups", [True, False], ids=["cgroup", "rlimits"])
+def test_an_analyser_past_its_cpu_time_fails_resource_limit(use_cgroups):
+    tools = Toolchain(Sandbox(Limits(wall_s=30), use_cgroups=use_cgroups))
+    with pytest.raises(ResourceLimit) as raised:
+        python.quality(MANY_FUNCTIONS_PY, bounded(tools, cpu_s=1))
+    assert raised.value.details["limit"] == "cpu" and raised.value.details["tool"] == Path(tools.python).name
+    assert "cpu limit (1 CPU-seconds)" in raised.value.message
+
+
+def test_an_analyser_that_crashes_on_the_code_is_a_permanent_failure(tools):
+    deep = "x = " + "1+" * 200_000 + "1\n"  # radon: RecursionError during ast construction
+    with pytest.raises(AnalyserFailed) as raised:
+        registry(tools)[("python", "quality")](deep, tools)
+    assert raised.value.code == "analyser_failed" and isinstance(raised.value, PermanentError)
+    assert raised.value.details == {"analyser": "python/quality", "exception": "RuntimeError"}
+    assert "RecursionError" in raised.value.message
+
+
+def test_the_typescript_parser_crashing_on_the_code_is_a_permanent_failure(tools):
+    nested = "let a = " + "[" * 5000 + "]" * 5000 + ";\n"
+    with pytest.raises(AnalyserFailed) as raised:
+        registry(tools)[("typescript", "security")](nested, tools)
+    assert raised.value.details["analyser"] == "typescript/security"
