@@ -269,6 +269,8 @@ class ConsumerMetrics(Collector):
         if self.db is None:
             return
         pool = pool_figures(self.db)
+        if pool is None:
+            return
         yield GaugeMetricFamily("genesis_db_pool_max_connections", "The most connections the pool may open.",
                                 value=pool.max_size)
         connections = GaugeMetricFamily("genesis_db_pool_connections", "Connections the pool holds open, "

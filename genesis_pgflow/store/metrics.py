@@ -126,9 +126,13 @@ class PoolFigures:
     connection_errors: int  # attempts to open a connection that failed, since start
 
 
-def pool_figures(db: Database) -> PoolFigures:
-    """The occupancy of the consumer's connection pool (psycopg_pool's own counters)."""
-    stats = db.pool.get_stats()
+def pool_figures(db: Database) -> PoolFigures | None:
+    """The occupancy of the consumer's connection pool (psycopg_pool's own counters); None while
+    the database has no pool to show."""
+    try:
+        stats = db.pool.get_stats()
+    except psycopg.Error:
+        return None
     return PoolFigures(max_size=stats.get("pool_max", 0), size=stats.get("pool_size", 0),
                        idle=stats.get("pool_available", 0), waiting=stats.get("requests_waiting", 0),
                        connections_lost=stats.get("connections_lost", 0),
