@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system tools that JobExecutor and the sandbox use, only where they are missing:
 #   bubblewrap (bwrap)  the sandbox; prlimit and setpriv come with util-linux
+#   libseccomp2         builds the sandbox's seccomp filter (loaded with ctypes: no Python
+#                       binding needed); without it testing fails with sandbox_unavailable
 #   elixir              Elixir analysis (pulls in Erlang/OTP) and ExUnit tests
 #   python3-pytest      pytest for the sandbox's /usr/bin/python3
 #   nodejs              JavaScript/TypeScript tests (`node --test`) and the npm tools below
@@ -26,6 +28,7 @@ for command in "${!apt_for[@]}"; do
   command -v "$command" >/dev/null 2>&1 || missing+=("${apt_for[$command]}")
 done
 /usr/bin/python3 -c 'import pytest' >/dev/null 2>&1 || missing+=(python3-pytest)
+/sbin/ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2 ' || missing+=(libseccomp2)
 if ! command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then missing+=(npm); fi
 
 if ((${#missing[@]})); then
