@@ -84,6 +84,7 @@ SANDBOX_DIR = "/sandbox"
 _SYSTEM_LINKS = {"/bin": "usr/bin", "/sbin": "usr/sbin", "/lib": "usr/lib", "/lib64": "usr/lib64"}
 _SIGXCPU_EXITS = (-signal.SIGXCPU, 128 + signal.SIGXCPU)  # the process itself; bwrap reporting its child
 _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 2, 4, 2
+_SCRATCH_DIR = "genesis-sandbox-scratch"  # beside the uid locks: one mount point per uid
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,7 @@ class Sandbox:
         if not self.as_root:
             yield None
             return
-        base = _private_dir(self.lock_dir.parent / "genesis-sandbox-scratch")
+        base = _private_dir(self.lock_dir.parent / _SCRATCH_DIR)
         point = base / str(uid)
         _unmount(point)  # left by a consumer that died mid-run
         point.mkdir(mode=0o700, exist_ok=True)
@@ -522,6 +523,10 @@ class Sandbox:
             self._seccomp = seccomp.build_filter(self.seccomp_library)
         except seccomp.SeccompUnavailable as exc:
             return f"the seccomp filter cannot be built: {exc}"
+        try:
+            self._sweep_scratch()
+        except (OSError, SandboxUnavailable) as exc:
+            return str(exc)
         probe = replace(self.limits, wall_s=10.0)
         try:
             result = self._run(["/usr/bin/cat", "probe"], files={"probe": "ok"}, writable=None, cwd=".", env=None,
@@ -539,13 +544,9 @@ class Sandbox:
         if not self.as_root:
             yield os.getuid()
             return
-        _private_dir(self.lock_dir)
         for uid in self.uids:
-            handle = open(self.lock_dir / str(uid), "a+")  # noqa: SIM115 - held across the yield
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
+            handle = self._try_lock(uid)
+            if handle is None:
                 continue
             try:
                 _kill_uid(uid)  # a run of a consumer that died may have left something
@@ -554,6 +555,34 @@ class Sandbox:
                 handle.close()
             return
         raise SandboxUnavailable(f"all {len(self.uids)} sandbox uids are in use")
+
+    def _try_lock(self, uid: int) -> IO[str] | None:
+        """uid's lock file, locked (closing it unlocks), or None if another run holds it."""
+        _private_dir(self.lock_dir)
+        handle = open(self.lock_dir / str(uid), "a+")  # noqa: SIM115 - the caller closes it
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        return handle
+
+    def _sweep_scratch(self) -> None:
+        """Unmount the scratches that consumers which died mid-run left mounted (their uid is
+        free again): a tmpfs keeps its pages until it is unmounted."""
+        base = self.lock_dir.parent / _SCRATCH_DIR
+        if not self.as_root or not base.is_dir():
+            return
+        for entry in os.scandir(base):
+            if not entry.name.isdigit() or (handle := self._try_lock(int(entry.name))) is None:
+                continue
+            try:
+                _unmount(Path(entry.path))
+                os.rmdir(entry.path)
+            except OSError as exc:
+                log.warning("cannot remove the stale sandbox scratch %s: %s", entry.path, exc)
+            finally:
+                handle.close()
 
 
 def _budget(limits: Limits, *, extra_tasks: int) -> cgroups.Budget:
