@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -479,3 +480,27 @@ def test_fails_closed_when_the_seccomp_filter_cannot_be_built(caplog):
         box.run(["/bin/true"])
     assert raised.value.code == "sandbox_unavailable"
     assert any("sandbox unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_scratch_left_mounted_by_a_dead_consumer_is_unmounted_at_start_and_a_live_one_kept(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the inode-limited scratch is mounted by root")
+    locks, scratch = tmp_path / "locks", tmp_path / "genesis-sandbox-scratch"
+    uids = range(1_900_000_240, 1_900_000_243)  # the probe's own run takes the middle one
+    locks.mkdir(mode=0o700)
+    scratch.mkdir(mode=0o700)
+    live, dead = scratch / str(uids[0]), scratch / str(uids[2])
+    live_lock = open(locks / str(uids[0]), "a+")  # another consumer's run, still going
+    fcntl.flock(live_lock, fcntl.LOCK_EX)
+    try:
+        for point in (dead, live):
+            point.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "genesis-test", str(point)], check=True)
+        Sandbox(Limits(wall_s=10), uids=uids, lock_dir=locks).check()
+        mounted = Path("/proc/self/mountinfo").read_text()
+        assert f" {dead} " not in mounted and not dead.exists()
+        assert f" {live} " in mounted
+    finally:
+        live_lock.close()
+        subprocess.run(["umount", "-l", str(live)], check=False)
+        subprocess.run(["umount", "-l", str(dead)], check=False)
