@@ -107,6 +107,8 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic's "Context impl PostgresqlImpl." at every start says nothing to an operator
+    logging.getLogger("alembic").setLevel(max(root.level, logging.WARNING))
 
 
 class _Parser(argparse.ArgumentParser):
