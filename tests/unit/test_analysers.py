@@ -346,6 +346,7 @@ MANY_FUNCTIONS_PY = "".join(f"def f{i}(a):\n    if a:\n        return 1\n    ret
 
 
 def bounded(tools: Toolchain, **limits) -> Toolchain:
+    """tools with limits of its own and a fresh deadline (the module's toolchain is made once)."""
     return replace(tools, tool_limits=replace(TOOL_LIMITS, **limits), deadline=time.monotonic() + 60)
 
 
@@ -385,7 +386,7 @@ def test_an_analyser_past_its_cpu_time_fails_resource_limit(use_cgroups):
 def test_an_analyser_that_crashes_on_the_code_is_a_permanent_failure(tools):
     deep = "x = " + "1+" * 200_000 + "1\n"  # radon: RecursionError during ast construction
     with pytest.raises(AnalyserFailed) as raised:
-        registry(tools)[("python", "quality")](deep, tools)
+        registry(tools)[("python", "quality")](deep, bounded(tools))
     assert raised.value.code == "analyser_failed" and isinstance(raised.value, PermanentError)
     assert raised.value.details == {"analyser": "python/quality", "exception": "RuntimeError"}
     assert "RecursionError" in raised.value.message
@@ -394,5 +395,5 @@ def test_an_analyser_that_crashes_on_the_code_is_a_permanent_failure(tools):
 def test_the_typescript_parser_crashing_on_the_code_is_a_permanent_failure(tools):
     nested = "let a = " + "[" * 5000 + "]" * 5000 + ";\n"
     with pytest.raises(AnalyserFailed) as raised:
-        registry(tools)[("typescript", "security")](nested, tools)
+        registry(tools)[("typescript", "security")](nested, bounded(tools))
     assert raised.value.details["analyser"] == "typescript/security"
