@@ -30,8 +30,15 @@ from genesis_pgflow.sandbox import Limits, Sandbox
 
 
 @pytest.fixture(scope="module")
-def tools() -> Toolchain:
-    return Toolchain(Sandbox(Limits(wall_s=30)))
+def shared_sandbox() -> Sandbox:
+    return Sandbox(Limits(wall_s=30))
+
+
+@pytest.fixture
+def tools(shared_sandbox: Sandbox) -> Toolchain:
+    """A toolchain whose 30 s deadline starts with the test (a module-wide one would run out
+    under a slow machine's later tests)."""
+    return Toolchain(shared_sandbox)
 
 
 def code(text: str) -> str:
