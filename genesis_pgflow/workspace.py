@@ -280,6 +280,11 @@ def tree_size(*roots: Path) -> int:
     return total
 
 
+def _largest_file(root: Path) -> int:
+    sizes = [os.lstat(os.path.join(d, name)).st_size for d, _dirs, files in os.walk(root) for name in files]
+    return max(sizes, default=0)
+
+
 def remove_tree(path: Path) -> None:
     """Remove a directory tree, whatever modes the code under test left on it; never follows a
     symlink (a symlink itself is unlinked)."""
@@ -540,7 +545,9 @@ class Workspace:
                        source.fetch_url, f"+{ref}:refs/genesis/base"],
                       cwd=self.path, git_dir=self.git_dir, work_tree=self.path, check=False, timeout_s=timeout_s,
                       extra_config=config, protocol=source.protocol, file_bytes=max_bytes)
-        if fetched.returncode == -signal.SIGXFSZ or "File too large" in fetched.stderr:
+        # git, or the index-pack it runs, killed by SIGXFSZ: the pack it wrote stopped at the limit
+        if fetched.returncode != 0 and max_bytes is not None and (
+                fetched.returncode == -signal.SIGXFSZ or _largest_file(self.git_dir) >= max_bytes):
             raise self._too_large(max_bytes, "its history at base_ref")
         if fetched.returncode != 0:
             raise unavailable(source.repo, f"fetch failed: {fetched.stderr.strip()[-300:]}")

@@ -260,3 +260,89 @@ def test_an_experiment_recorded_in_postgres(db_dsn: str, genesis_home: Path, tmp
     assert shown is not None and shown["metrics"] == result["metrics"]
     assert [r["phase"] for r in shown["runs"]] == ["baseline", "change"]
     assert [e["event"] for e in shown["sandbox_events"]] == ["created"]
+
+
+# --- ownership, one holder per id, sensitive output -------------------------------------------
+
+
+def test_an_experiment_id_belongs_to_its_instance(records: ExperimentRecords) -> None:
+    assert records.experiment_started(start())
+    records.experiment_finished("exp-1", RESULT)
+    before = records.show_experiment("exp-1", output=True)
+
+    assert not records.experiment_started(start(instance_id="intruder", description="mine now"))
+
+    assert records.show_experiment("exp-1", output=True) == before
+    assert records.experiment_started(start(description="again"))     # the owner's new attempt
+    again = records.show_experiment("exp-1")
+    assert again is not None and (again["attempts"], again["instance_id"]) == (2, "singularity-1")
+    assert records.experiment_owners(["exp-1", "nope"]) == {"exp-1": {
+        "instance_id": "singularity-1", "status": "running", "started_at": again["started_at"], "finished_at": None}}
+
+
+def test_an_experiment_id_has_one_holder(pair: Pair) -> None:
+    first, second = pair
+    with first.experiment_lock("exp-1") as held:
+        assert held
+        with second.experiment_lock("exp-1") as also:
+            assert not also
+        with second.experiment_lock("exp-2") as other:
+            assert other
+    with second.experiment_lock("exp-1") as now_free:
+        assert now_free
+
+
+def test_run_output_is_bounded_and_left_out_unless_asked(records: ExperimentRecords) -> None:
+    records.experiment_started(start())
+    long = "x" * 10_000 + "END"
+    records.run_recorded("exp-1", RunRecord(phase="baseline", commit=None, command=["pytest"], returncode=0,
+                                            timed_out=False, passed=1, failed=0, errors=0, skipped=0,
+                                            duration_ms=1.0, output_tail=long))
+    shown = records.show_experiment("exp-1")
+    assert shown is not None and "output_tail" not in shown["runs"][0]
+    asked = records.show_experiment("exp-1", output=True)
+    assert asked is not None and asked["runs"][0]["output_tail"] == long[-experiments_store.OUTPUT_TAIL_CHARS:]
+
+
+@pytest.mark.db
+def test_the_output_tail_is_bounded_by_the_schema_too(db_dsn: str) -> None:
+    with Database(db_dsn, max_size=1) as db:
+        PgExperimentRecords(db).experiment_started(start())
+    with psycopg.connect(db_dsn) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO genesis.experiment_runs (experiment_id, attempt, phase, output_tail) "
+                     "VALUES ('exp-1', 1, 'baseline', repeat('x', 2001))")
+
+
+@pytest.mark.db
+def test_two_consumers_given_one_experiment_id(db_dsn: str, genesis_home: Path, tmp_path: Path) -> None:
+    """Consumer A runs exp-1 (held in its baseline run); consumer B, given the same id meanwhile,
+    fails at once with a retryable error and touches nothing; A finishes."""
+    from genesis_pgflow.handlers.experiments import ExperimentBusy, ExperimentRunner
+
+    from unit.gitrepos import make_repo
+    from unit.test_experiments import BASE_FILES, GatedSandbox, context, request
+
+    repo = make_repo(tmp_path / "repos" / "repo", BASE_FILES)
+    settings = Settings(home=genesis_home, repo_allow=str(tmp_path / "repos"))
+    gated = GatedSandbox()
+    outcome: list[Any] = []
+    with Database(db_dsn, max_size=2) as one, Database(db_dsn, max_size=2) as two:
+        consumer_a = ExperimentRunner(settings, PgExperimentRecords(one), gated)  # type: ignore[arg-type]
+        consumer_b = ExperimentRunner(settings, PgExperimentRecords(two), GatedSandbox())  # type: ignore[arg-type]
+        running = threading.Thread(target=lambda: outcome.append(
+            consumer_a(request(repo, test_command=["true"]), context())))
+        running.start()
+        try:
+            assert gated.inside.acquire(timeout=30)
+            copy = genesis_home / "sandboxes" / "exp-1"
+            before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+            with pytest.raises(ExperimentBusy) as caught:
+                consumer_b(request(repo, test_command=["true"]), context())
+            assert caught.value.code == "experiment_busy"
+            assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+        finally:
+            gated.gate.set()
+            running.join(timeout=60)
+        shown = PgExperimentRecords(one).show_experiment("exp-1")
+    assert [r["status"] for r in outcome] == ["success"]
+    assert shown is not None and (shown["status"], shown["attempts"]) == ("success", 1)

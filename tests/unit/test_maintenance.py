@@ -19,7 +19,7 @@ from genesis_pgflow.maintenance import (
     scheduled_jobs,
 )
 from genesis_pgflow.settings import Settings
-from genesis_pgflow.store.experiments import MemoryExperimentRecords
+from genesis_pgflow.store.experiments import ExperimentStart, MemoryExperimentRecords
 from genesis_pgflow.workspace import RepoAllow, Workspace, tree_size
 
 DAY = 86_400.0
@@ -167,3 +167,74 @@ def test_scheduled_jobs(settings: Settings, repo: Path) -> None:
 
 def test_find_sandboxes_on_a_missing_directory(tmp_path: Path) -> None:
     assert find_sandboxes(tmp_path / "nope") == []
+
+
+# --- sooner for successes, caps per producer, never what is running ------------------------------
+
+
+def recorded(records: MemoryExperimentRecords, experiment_id: str, instance_id: str, status: str) -> None:
+    records.experiment_started(ExperimentStart(experiment_id, instance_id, "refactor", "", "low", "/r", "HEAD",
+                                               f"/s/{experiment_id}"))
+    if status != "running":
+        records.experiment_finished(experiment_id, {"status": status, "recommendation": "merge",
+                                                    "rolled_back": False, "metrics": {}})
+
+
+def test_copies_of_successful_experiments_go_sooner(settings: Settings, repo: Path) -> None:
+    records = MemoryExperimentRecords()
+    for experiment_id, status in [("won", "success"), ("lost", "regressed"), ("broke", "failed")]:
+        sandbox_aged(settings, repo, experiment_id, 2 * DAY)
+        recorded(records, experiment_id, "s1", status)
+    sandbox_aged(settings, repo, "unknown", 2 * DAY)           # no record: the general rule
+
+    report = cleanup_sandboxes(settings.model_copy(update={"sandbox_success_max_age_days": 1.0}), records, now=NOW)
+
+    assert [r["experiment_id"] for r in report.removed] == ["won"]
+    assert sorted(report.kept) == ["broke", "lost", "unknown"]
+
+
+def test_cleanup_keeps_each_producer_under_its_caps(settings: Settings, repo: Path) -> None:
+    records = MemoryExperimentRecords()
+    for age, experiment_id in enumerate(["a1", "a2", "a3", "a4"]):
+        sandbox_aged(settings, repo, experiment_id, (10 - age) * 3600.0 * 2)      # a1 the oldest
+        recorded(records, experiment_id, "instance-a", "failed")
+    sandbox_aged(settings, repo, "b1", 30 * 3600.0)
+    recorded(records, "b1", "instance-b", "failed")
+    capped = settings.model_copy(update={"experiment_copies_per_instance": 2})
+
+    report = cleanup_sandboxes(capped, records, now=NOW)
+
+    assert [r["experiment_id"] for r in report.removed] == ["a1", "a2"]
+    assert sorted(report.kept) == ["a3", "a4", "b1"]
+    assert all("instance-a" in e["detail"] for e in records.sandbox_events(event="cleaned_up"))
+
+    one_mb = sandbox_aged(settings, repo, "a5", 3600.0 * 2)
+    recorded(records, "a5", "instance-a", "failed")
+    size_capped = capped.model_copy(update={"experiment_copies_per_instance": 10,
+                                            "experiment_copies_mb_per_instance": 1})
+    (one_mb.path / "filler.bin").write_bytes(b"\0" * 2**20)        # instance-a is now over 1 MB
+    report = cleanup_sandboxes(size_capped, records, now=NOW)
+    assert [r["experiment_id"] for r in report.removed] == ["a3", "a4", "a5"] and report.kept == ["b1"]
+
+
+def test_a_copy_whose_experiment_is_running_somewhere_is_never_removed(settings: Settings, repo: Path) -> None:
+    locks: dict = {}
+    mine, running_consumer = MemoryExperimentRecords(locks=locks), MemoryExperimentRecords(locks=locks)
+    busy = sandbox_aged(settings, repo, "busy", 30 * DAY)
+    sandbox_aged(settings, repo, "idle", 30 * DAY)
+    with running_consumer.experiment_lock("busy") as held:
+        assert held
+        report = cleanup_sandboxes(settings, mine, now=NOW)
+    assert [r["experiment_id"] for r in report.removed] == ["idle"] and report.kept == ["busy"]
+    assert busy.path.exists() and busy.git_dir.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root mounts a test run's scratch")
+def test_cleanup_unmounts_the_scratch_a_killed_consumer_left(settings: Settings, repo: Path) -> None:
+    workspace = sandbox_aged(settings, repo, "killed", DAY)
+    left = workspace.scratch(max_bytes=2**20, max_inodes=100)     # kept referenced: never left, as if killed
+    scratch = left.__enter__()
+    assert os.path.ismount(scratch)
+    cleanup_sandboxes(settings, MemoryExperimentRecords(), now=NOW)
+    assert not os.path.ismount(scratch) and not workspace.scratch_dir.exists()
+    assert workspace.path.exists()          # the copy itself is young: kept
