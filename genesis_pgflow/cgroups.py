@@ -6,6 +6,9 @@ Every run (a sandboxed test run or a trusted analyser) gets a cgroup of its own 
 (anonymous, shared and tmpfs pages and the kernel's own, with no swap), tasks (processes and
 threads), a CPU rate (cores) and, watched by the caller through `usage()`, a total of CPU time.
 
+A run's cgroup is named `<kind>-<consumer pid>-<n>`: those of a consumer that is gone (killed
+mid-run) are killed and removed when the next consumer finds the hierarchy (`remove_stale`).
+
 v2 and v1 differ only in small named operations (`_limit_writes`, `procs_files`, `pids`,
 `usage`, `_kill_everything`, `directories`), so that the v2 logic can be checked against a
 directory laid out like cgroupfs where no v2 controller is available.

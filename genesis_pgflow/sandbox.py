@@ -361,7 +361,8 @@ class Sandbox:
                 # the command is the namespace's init: it ignores SIGXCPU, and nothing in the
                 # sandbox can SIGKILL it, so without a cgroup this is its RLIMIT_CPU's hard limit
                 result = replace(result, limit="cpu")
-            if result.returncode == cgroups.ENTER_FAILED and cgroups.ENTER_FAILED_MARK in result.stderr:
+            if run is not None and result.returncode == cgroups.ENTER_FAILED \
+                    and result.stderr.startswith(cgroups.ENTER_FAILED_MARK):
                 raise SandboxUnavailable(f"the run's cgroup could not be entered: {result.stderr.strip()[-300:]}")
             return result
 
