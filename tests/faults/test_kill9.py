@@ -1,0 +1,61 @@
+"""kill -9 of the real consumer at random points, across --parallel and --batch-size, restarted each
+time until the queue is drained: nothing lost, nothing answered twice."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from genesis_pgflow.testing import wait_until
+
+from .conftest import RULES, FaultDb
+from .consumers import Consumers, cli_env, run_cli
+
+pytestmark = [pytest.mark.faults, pytest.mark.db, pytest.mark.slow]
+
+KILLS_PER_CONFIGURATION = 4         # x 6 configurations: 24 kills per run
+STEP = 60                           # answers between two kills at most (a random share of it)
+
+
+def _seed() -> int:
+    return int(os.environ.get("GENESIS_FAULTS_SEED") or random.SystemRandom().randrange(2**32))
+
+
+@pytest.mark.parametrize(("parallel", "batch_size"), [(1, 1), (1, 10), (1, 100), (4, 1), (4, 10), (4, 100)],
+                         ids=lambda v: str(v))
+def test_kill_9_at_random_points_then_restart_until_drained(parallel: int, batch_size: int, fault_db: FaultDb,
+                                                             consumers: Consumers, genesis_home) -> None:
+    seed = _seed()
+    rng = random.Random(seed)
+    total = KILLS_PER_CONFIGURATION * (STEP + 150) + 100
+    ids = fault_db.send_rules(total)
+    # what a killed consumer held comes back within 2 s; five reads before a dead letter, so that
+    # a message leased in several killed batches is still run
+    env = cli_env(genesis_home, fault_db.dsn, GENESIS_LEASE_S="2")
+    args = ("--parallel", str(parallel), "--batch-size", str(batch_size), "--queues", RULES,
+            "--poll-interval-ms", "100", "--max-attempts", "5", "--no-migrate")
+
+    killed_with_leases = 0
+    for _ in range(KILLS_PER_CONFIGURATION):
+        victim = consumers.start(*args, env=env)
+        target = fault_db.answered() + rng.randint(0, STEP)   # 0: killed while starting up
+        wait_until(lambda t=target, v=victim: fault_db.answered() >= t or not v.running(), timeout=120, interval=0.02,
+                   what=f"{target} answers (seed {seed})")
+        time.sleep(rng.uniform(0, 0.2))
+        assert victim.running(), f"the consumer exited on its own (seed {seed}):\n{victim.stderr()}"
+        victim.kill()
+        killed_with_leases += fault_db.held() > 0
+    assert fault_db.answered() < total, f"drained before the last kill (seed {seed}): send more messages"
+
+    drained = run_cli("--drain", *args, env=env, timeout=300)
+    assert drained.returncode == 0, drained.stderr
+
+    fault_db.check()
+    outcomes = Counter((m["status"], (m["error"] or {}).get("code")) for m in fault_db.results())
+    assert set(outcomes) <= {("completed", None), ("failed", "max_attempts_exceeded")}, (seed, outcomes)
+    assert outcomes[("completed", None)] >= total - 50, (seed, outcomes)
+    assert sorted(fault_db.answered_ids()) == sorted(ids)
