@@ -450,16 +450,16 @@ def test_300000_files_stop_at_the_scratchs_inode_limit(sandbox):
         assert nothing_left(result)
 
 
-def test_the_scratch_is_unmounted_and_removed_after_the_run(sandbox):
-    if not sandbox.as_root:
+def test_the_scratch_is_unmounted_and_removed_after_the_run(tmp_path):
+    if os.geteuid() != 0:
         pytest.skip("the inode-limited scratch is mounted by root")
-    result = sandbox.run(["/bin/sh", "-c", "id -u; grep ' /sandbox ' /proc/self/mountinfo | wc -l"])
-    uid, mounted = result.stdout.split()
-    assert mounted == "1"
-    point = sandbox.lock_dir.parent / "genesis-sandbox-scratch" / uid
-    mounts = Path("/proc/self/mountinfo").read_text()
-    # another run may have taken the same uid since: then its scratch is its own, mounted anew
-    assert f" {point} " not in mounts or not point.exists() or point.stat().st_uid == int(uid)
+    # a uid outside the shared pool, with locks of its own: no other run can take it meanwhile
+    box = Sandbox(Limits(wall_s=10), uids=range(1_900_001_000, 1_900_001_001), lock_dir=tmp_path / "locks")
+    result = box.run(["/bin/sh", "-c", "id -u; grep -c ' /sandbox ' /proc/self/mountinfo"])
+    assert result.stdout.split() == ["1900001000", "1"], result.stderr
+    point = tmp_path / "genesis-sandbox-scratch" / "1900001000"
+    assert f" {point} " not in Path("/proc/self/mountinfo").read_text()
+    assert not point.exists()
 
 
 def test_without_a_cgroup_the_rlimits_hold_and_the_fallback_is_announced(caplog):
