@@ -71,12 +71,16 @@ class App:
         else:
             schema.require_current(dsn)
         db = Database(dsn, max_size=max(4, settings.parallel + 2)).open()
-        return cls(settings, dsn, db, PgQueueStore(db, consumer_name()), PgStateStore(db), PgExperimentRecords(db))
+        return cls(settings, dsn, db, PgQueueStore(db, consumer_name(), settings.intake_limits), PgStateStore(db),
+                   PgExperimentRecords(db))
 
     def dispatcher(self) -> Dispatcher:
         s = self.settings
         return Dispatcher(build_handlers(s, self.state, self.experiments), timeout_s=s.timeout_ms / 1000.0,
-                          max_attempts=s.max_attempts, retry_base_s=s.retry_base_s, retry_max_s=s.retry_max_s)
+                          max_attempts=s.max_attempts, retry_base_s=s.retry_base_s, retry_max_s=s.retry_max_s,
+                          max_timeout_s=s.max_timeout_ms / 1000.0,
+                          timeout_ceilings={"genesis_experiment_request":
+                                            max(s.max_experiment_timeout_ms, s.experiment_timeout_ms) / 1000.0})
 
     def consumer(self) -> Consumer:
         s = self.settings

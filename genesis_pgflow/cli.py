@@ -152,6 +152,11 @@ def consume_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="most messages read from a queue at once (default 10)")
     p.add_argument("--poll-interval-ms", type=int, help="polling interval when no NOTIFY arrives (default 1000)")
     p.add_argument("--timeout-ms", type=int, help="per-workflow timeout (default 30000)")
+    p.add_argument("--max-timeout-ms", type=int, help="most a request's timeout_ms may ask for (default 300000)")
+    p.add_argument("--max-experiment-timeout-ms", type=int,
+                   help="most an experiment's timeout_ms may ask for (default 3600000)")
+    p.add_argument("--max-payload-bytes", type=int,
+                   help="larger messages fail as payload_too_large, unread (default 2097152)")
     p.add_argument("--max-attempts", type=int, help="deliveries before dead-lettering (default 3)")
     p.add_argument("--queues", help=f"comma-separated request queues (default: {','.join(REQUEST_QUEUES)})")
     p.add_argument("--drain", action="store_true", default=None, help="exit 0 once the queues are empty")
@@ -169,6 +174,8 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env(
             dsn=args.dsn, parallel=args.parallel, batch_size=args.batch_size,
             poll_interval_ms=args.poll_interval_ms, timeout_ms=args.timeout_ms, max_attempts=args.max_attempts,
+            max_timeout_ms=args.max_timeout_ms, max_experiment_timeout_ms=args.max_experiment_timeout_ms,
+            max_payload_bytes=args.max_payload_bytes,
             queues=tuple(q.strip() for q in args.queues.split(",") if q.strip()) if args.queues else None,
             drain=args.drain, migrate=False if args.no_migrate else None, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host, log_format=args.log_format)

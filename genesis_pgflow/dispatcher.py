@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import random
 import uuid
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ from genesis_pgflow.errors import (
     InvalidPayload,
     MaxAttemptsExceeded,
     PermanentError,
+    PreparationFailed,
     ResultNotStorable,
     UnknownType,
     WorkflowTimeout,
@@ -30,6 +32,10 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _identifiers(message: ReadMessage) -> dict[str, Any]:
+    return raw_identifiers(message.body)
+
+
 @dataclass(frozen=True)
 class Task:
     """A validated message ready to run: its handler, payload and timeout."""
@@ -40,14 +46,35 @@ class Task:
     timeout_s: float
     workflow_id: str
     started_at: dt.datetime
+    # what the request (or its handler) asked for, when a ceiling cut it to timeout_s
+    requested_timeout_s: float | None = None
+
+
+def clamp_timeout(requested: Any, default_s: float, ceiling_s: float | None) -> tuple[float, float | None]:
+    """The timeout a run gets, and what was asked for if the ceiling cut it: a request's (or a
+    handler's) timeout, else the default, never above the ceiling. Anything but a positive
+    finite number asks for nothing."""
+    if isinstance(requested, bool) or not isinstance(requested, (int, float)) or not 0 < requested < math.inf:
+        requested = default_s
+    if ceiling_s is not None and requested > ceiling_s:
+        return ceiling_s, float(requested)
+    return float(requested), None
 
 
 class Dispatcher:
+    """handlers: payload type -> handler. timeout_s is the default run timeout (--timeout-ms);
+    max_timeout_s the ceiling of what a request may ask for (never below timeout_s; None: no
+    ceiling), and timeout_ceilings the ceiling per payload type where a handler has a timeout
+    of its own (an experiment's hour)."""
+
     def __init__(self, handlers: Mapping[str, Handler], *, timeout_s: float, max_attempts: int,
-                 retry_base_s: float, retry_max_s: float,
+                 retry_base_s: float, retry_max_s: float, max_timeout_s: float | None = None,
+                 timeout_ceilings: Mapping[str, float] | None = None,
                  clock: Callable[[], dt.datetime] = utcnow, rand: Callable[[], float] = random.random):
         self.handlers = dict(handlers)
         self.timeout_s = timeout_s
+        self.max_timeout_s = None if max_timeout_s is None else max(max_timeout_s, timeout_s)
+        self.timeout_ceilings = dict(timeout_ceilings or {})
         self.max_attempts = max_attempts
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
@@ -55,8 +82,25 @@ class Dispatcher:
         self.rand = rand
 
     def prepare(self, message: ReadMessage) -> Task | Outcome:
-        """A Task to run, or at once the Outcome of a message that must not run."""
+        """A Task to run, or at once the Outcome of a message that must not run; whatever goes
+        wrong here fails this message alone (preparation_failed), never its batch."""
         started = self.clock()
+        try:
+            return self._prepare(message, started)
+        except Exception as exc:  # noqa: BLE001 - one message's failure, never the consumer's
+            log.exception("preparing %s/%s raised unexpectedly", message.queue, message.msg_id)
+            error = PreparationFailed(f"an unexpected {type(exc).__name__} was raised while preparing this request "
+                                      "to run; the consumer's log has the details",
+                                      details={"exception": type(exc).__name__, **_identifiers(message)})
+            return self._outcome(message, "failed", started, error=error)
+
+    def _prepare(self, message: ReadMessage, started: dt.datetime) -> Task | Outcome:
+        if message.problem is not None:
+            # Not taken in (too large, too deep, not JSON...): failed whatever its read count,
+            # since running it again would end the same way.
+            problem = message.problem
+            failure = Failure(problem.code, problem.message, {**_identifiers(message), **problem.details})
+            return Outcome(message, "failed", started, self.clock(), error=failure)
         if message.read_ct > self.max_attempts:
             error = MaxAttemptsExceeded(
                 f"read {message.read_ct} times, more than max_attempts={self.max_attempts}: "
@@ -73,14 +117,17 @@ class Dispatcher:
         except (InvalidPayload, UnknownType) as exc:
             return self._outcome(message, "failed", started, error=exc)
         own_timeout = getattr(handler, "timeout_s", None)
-        timeout_s = ((own_timeout(payload) if callable(own_timeout) else None)
-                     or timeout_override(payload) or self.timeout_s)
-        return Task(message, handler, payload, timeout_s, str(uuid.uuid4()), started)
+        if callable(own_timeout):
+            timeout_s, requested = clamp_timeout(own_timeout(payload), self.timeout_s,
+                                                 self.timeout_ceilings.get(payload.type, self.max_timeout_s))  # type: ignore[attr-defined]
+        else:
+            timeout_s, requested = clamp_timeout(timeout_override(payload), self.timeout_s, self.max_timeout_s)
+        return Task(message, handler, payload, timeout_s, str(uuid.uuid4()), started, requested)
 
     def context(self, task: Task, deadline: float) -> WorkContext:
         m = task.message
         return WorkContext(queue=m.queue, msg_id=m.msg_id, attempt=m.read_ct, workflow_id=task.workflow_id,
-                           deadline=deadline)
+                           deadline=deadline, timeout_s=task.timeout_s)
 
     def execute(self, task: Task, ctx: WorkContext) -> Outcome:
         """Run the handler (in a worker thread) and classify what it did."""
@@ -96,8 +143,12 @@ class Dispatcher:
         return self._outcome(task.message, "completed", task.started_at, result=result, task=task)
 
     def timed_out(self, task: Task) -> Outcome:
-        error = WorkflowTimeout(f"the handler ran past its timeout of {task.timeout_s:g} s",
-                                details={"timeout_ms": round(task.timeout_s * 1000), **task.payload.identifiers()})
+        details: dict[str, Any] = {"timeout_ms": round(task.timeout_s * 1000)}
+        if task.requested_timeout_s is not None:
+            details["requested_timeout_ms"] = round(task.requested_timeout_s * 1000)
+        error = WorkflowTimeout(f"the handler ran past its timeout of {task.timeout_s:g} s"
+                                + (" (the operator's maximum)" if task.requested_timeout_s is not None else ""),
+                                details={**details, **task.payload.identifiers()})
         return self._outcome(task.message, "failed", task.started_at, error=error, task=task)
 
     def unstorable(self, outcome: Outcome, exc: BaseException) -> Outcome:

@@ -58,6 +58,18 @@ class InvalidPayload(PermanentError):
     code = "invalid_payload"
 
 
+class PayloadTooLarge(InvalidPayload):
+    """The message is larger than the configured limit."""
+
+    code = "payload_too_large"
+
+
+class PreparationFailed(PermanentError):
+    """The request could not be prepared to run (an unexpected error, logged by the consumer)."""
+
+    code = "preparation_failed"
+
+
 class UnknownType(PermanentError):
     """The payload's type has no handler."""
 

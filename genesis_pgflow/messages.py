@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -10,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from genesis_pgflow.errors import InvalidPayload, UnknownType
+from genesis_pgflow.errors import GenesisError, InvalidPayload, PayloadTooLarge, UnknownType
 
 # request queue -> (payload type, result queue)
 QUEUES: dict[str, tuple[str, str]] = {
@@ -75,12 +77,16 @@ class Payload(BaseModel):
 
 
 NonEmpty = Annotated[str, Field(min_length=1)]
+# Identifiers are echoed in every result and recorded in indexed columns: bounded, so that a
+# request can neither bloat its result nor exceed an index row.
+MAX_IDENTIFIER_CHARS = 256
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_IDENTIFIER_CHARS)]
 
 
 class RuleUpdate(Payload):
     type: Literal["genesis_rule_update"]
-    namespace: NonEmpty
-    rule_id: NonEmpty
+    namespace: Identifier
+    rule_id: Identifier
     version: int = Field(default=1, ge=1)
     confidence: float = Field(ge=0.0, le=1.0)
     rule: dict[str, Any]
@@ -91,7 +97,7 @@ class RuleUpdate(Payload):
 
 class LlmConfigUpdate(Payload):
     type: Literal["genesis_llm_config_update"]
-    provider: NonEmpty
+    provider: Identifier
     complexity: Literal["simple", "medium", "complex"]
     models: list[NonEmpty] = Field(min_length=1)
     task_types: list[str] = Field(default_factory=list)
@@ -106,7 +112,7 @@ MAX_CODE_BYTES = 1024 * 1024
 
 class CodeExecutionRequest(Payload):
     type: Literal["code_execution_request"]
-    id: NonEmpty
+    id: Identifier
     code: str
     language: NonEmpty
     analysis_type: Literal["quality", "security", "linting", "testing"]
@@ -150,7 +156,7 @@ class Changes(BaseModel):
 class ExperimentRequest(Payload):
     type: Literal["genesis_experiment_request"]
     experiment_id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-    instance_id: NonEmpty
+    instance_id: Identifier
     experiment_type: NonEmpty
     description: str
     risk_level: Literal["low", "medium", "high"]
@@ -170,7 +176,7 @@ RequestPayload = Annotated[
 ]
 _PAYLOAD = TypeAdapter(RequestPayload)
 PAYLOAD_TYPES = {kind for kind, _results in QUEUES.values()}
-_ID_FIELDS = ("id", "experiment_id", "instance_id", "rule_id", "namespace", "provider", "complexity")
+ID_FIELDS = ("id", "experiment_id", "instance_id", "rule_id", "namespace", "provider", "complexity")
 
 
 def _describe(error: Any) -> str:
@@ -182,10 +188,19 @@ def _describe(error: Any) -> str:
 
 
 def raw_identifiers(raw: Any) -> dict[str, Any]:
-    """The identifiers of a body that may not validate, for correlating its failure."""
+    """The identifiers of a body that may not validate, for correlating its failure (only those
+    short enough to echo)."""
     if not isinstance(raw, dict):
         return {}
-    return {k: raw[k] for k in _ID_FIELDS if isinstance(raw.get(k), (str, int))}
+    return {k: raw[k] for k in ID_FIELDS
+            if isinstance(raw.get(k), int) or (isinstance(raw.get(k), str) and len(raw[k]) <= MAX_IDENTIFIER_CHARS)}
+
+
+def clip(value: Any, limit: int = 128) -> Any:
+    """A value as an error may echo it: a string cut to limit characters, saying so."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}... ({len(value)} characters)"
+    return value
 
 
 def parse_payload(raw: Any) -> Payload:
@@ -198,8 +213,8 @@ def parse_payload(raw: Any) -> Payload:
     if kind is None:
         raise InvalidPayload("type: field required", details={"field": "type", **identifiers})
     if not isinstance(kind, str) or kind not in PAYLOAD_TYPES:
-        raise UnknownType(f"type {kind!r} has no handler; known types: {', '.join(sorted(PAYLOAD_TYPES))}",
-                          details={"type": kind, **identifiers})
+        raise UnknownType(f"type {clip(kind)!r} has no handler; known types: {', '.join(sorted(PAYLOAD_TYPES))}",
+                          details={"type": clip(kind), **identifiers})
     try:
         return _PAYLOAD.validate_python(raw)
     except ValidationError as exc:
@@ -209,12 +224,160 @@ def parse_payload(raw: Any) -> Payload:
                              details={"fields": fields, "errors": problems, **identifiers}) from None
 
 
+# --- intake: each message's JSON text decoded on its own, within limits --------------------
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    """What a message may be before it is decoded (Settings: max_payload_bytes, max_headers_bytes,
+    max_json_depth, max_number_length). PostgreSQL's jsonb accepts far more: values nested
+    thousands of levels deep and numbers of thousands of digits, which Python's json cannot
+    decode, and bodies of hundreds of MiB."""
+
+    max_payload_bytes: int = 2 * 1024 * 1024
+    max_headers_bytes: int = 64 * 1024
+    max_depth: int = 64
+    max_number_length: int = 100
+
+
+# A JSON string, or the rest of the text after an unterminated one: it always matches at a quote
+# and never backtracks, so stripping the strings from any text takes linear time.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\(?:.|\Z)[^"\\]*)*(?:"|\Z)', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_NUMBER_RUN = re.compile(r"[-+.0-9eE]+")
+# PostgreSQL's jsonb cannot hold NUL, and a lone surrogate is not Unicode: a request holding
+# either could not have its result stored.
+_UNSTORABLE_CHAR = re.compile("[\x00\ud800-\udfff]")
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _reject_constant(token: str) -> Any:
+    raise _NotJson(f"{token} is not a JSON number")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if value in (float("inf"), float("-inf")):
+        raise _NotJson(f"number {clip(token, 40)} is out of range")
+    return value
+
+
+def _nesting_depth(stripped: str) -> int:
+    """The deepest nesting of arrays and objects in a JSON text whose strings were removed."""
+    brackets = _NOT_BRACKET.sub("", stripped)
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def _unstorable_char(value: Any) -> str | None:
+    """The first character of a string (key or value) that could not be stored; no recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            found = _UNSTORABLE_CHAR.search(item)
+            if found:
+                return found.group()
+    return None
+
+
+def decode_json(text: str, limits: IntakeLimits, *, what: str = "payload", max_bytes: int | None = None,
+                size: int | None = None) -> Any:
+    """The value of one JSON text, checked against the limits before it is decoded.
+
+    Raises PayloadTooLarge (over max_bytes, by default limits.max_payload_bytes; `size` is the
+    text's length in UTF-8 bytes when the caller knows it) or InvalidPayload naming the problem
+    (nesting, a number, a character, bad JSON); never anything else."""
+    limit = limits.max_payload_bytes if max_bytes is None else max_bytes
+    try:
+        if size is None:
+            size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise PayloadTooLarge(f"{what} is {size} bytes of JSON; at most {limit} bytes are accepted",
+                                  details={"field": what, "size_bytes": size, "limit_bytes": limit})
+        stripped = _JSON_STRING.sub('""', text)
+        depth = _nesting_depth(stripped)
+        if depth > limits.max_depth:
+            raise InvalidPayload(f"{what} is nested {depth} levels deep; at most {limits.max_depth} are accepted",
+                                 details={"field": what, "depth": depth, "limit_depth": limits.max_depth})
+        longest = max(map(len, _NUMBER_RUN.findall(stripped)), default=0)
+        if longest > limits.max_number_length:
+            raise InvalidPayload(f"{what} holds a number of {longest} characters; at most "
+                                 f"{limits.max_number_length} are accepted",
+                                 details={"field": what, "number_length": longest,
+                                          "limit_number_length": limits.max_number_length})
+        try:
+            value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidPayload(f"{what} is not valid JSON: {clip(str(exc), 200)}", details={"field": what}) from None
+        bad = _unstorable_char(value)
+        if bad is not None:
+            name = "NUL (\\u0000)" if bad == "\x00" else f"a lone surrogate (\\u{ord(bad):04x})"
+            raise InvalidPayload(f"{what} holds a string with {name}, which cannot be stored as JSON",
+                                 details={"field": what})
+        return value
+    except GenesisError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a body holds, it fails alone, never the consumer
+        raise InvalidPayload(f"{what} could not be decoded ({type(exc).__name__})", details={"field": what}) from None
+
+
+def _too_large(what: str, size: int | None, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{what} is {size} bytes of JSON; at most {limit} bytes are accepted",
+                           details={"field": what, "size_bytes": size, "limit_bytes": limit})
+
+
+def take_in(queue: str, msg_id: int, read_ct: int, enqueued_at: dt.datetime, *, body: str | None,
+            body_bytes: int | None, headers: str | None = None, headers_bytes: int | None = None,
+            identifiers: str | None = None, limits: IntakeLimits) -> ReadMessage:
+    """A leased message's JSON texts (None when too large to be fetched, with their size and, as
+    JSON text, the identifiers its failure echoes) made a ReadMessage: whatever cannot be taken in
+    becomes its `problem`, never an exception."""
+    problem: GenesisError | None = None
+    value: Any = None
+    try:
+        if body is None:
+            error = _too_large("payload", body_bytes, limits.max_payload_bytes)
+            if identifiers is not None:
+                try:
+                    error.details = {**raw_identifiers(decode_json(identifiers, limits)), **error.details}
+                except InvalidPayload:
+                    pass
+            raise error
+        value = decode_json(body, limits, size=body_bytes)
+    except InvalidPayload as exc:
+        problem = exc
+    header_value: Any = None
+    if headers is not None or headers_bytes is not None:
+        try:
+            if headers is None:
+                raise _too_large("headers", headers_bytes, limits.max_headers_bytes)
+            header_value = decode_json(headers, limits, what="headers", max_bytes=limits.max_headers_bytes,
+                                       size=headers_bytes)
+        except InvalidPayload as exc:
+            problem = problem or exc
+    return ReadMessage(queue, msg_id, read_ct, enqueued_at, value, header_value, problem)
+
+
 # --- messages, outcomes and results -------------------------------------------------------
+
+
+# a payload type longer than this is recorded as none (no handler has such a type anyway)
+MAX_TYPE_CHARS = 128
 
 
 @dataclass(frozen=True)
 class ReadMessage:
-    """A message leased from a request queue."""
+    """A message leased from a request queue; `problem` says why its body (then None) or its
+    headers could not be taken in."""
 
     queue: str
     msg_id: int
@@ -222,10 +385,12 @@ class ReadMessage:
     enqueued_at: dt.datetime
     body: Any
     headers: Any = None
+    problem: GenesisError | None = None
 
     @property
     def type(self) -> str | None:
-        return self.body.get("type") if isinstance(self.body, dict) and isinstance(self.body.get("type"), str) else None
+        kind = self.body.get("type") if isinstance(self.body, dict) else None
+        return kind if isinstance(kind, str) and len(kind) <= MAX_TYPE_CHARS else None
 
 
 @dataclass(frozen=True)

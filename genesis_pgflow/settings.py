@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from genesis_pgflow.messages import REQUEST_QUEUES
+from genesis_pgflow.messages import REQUEST_QUEUES, IntakeLimits
 
 ROOT_HOME = Path("/var/lib/genesis")
 
@@ -36,7 +36,16 @@ class Settings(BaseModel):
     batch_size: int = Field(default=10, ge=1, le=1000)
     poll_interval_ms: int = Field(default=1000, ge=10)
     timeout_ms: int = Field(default=30_000, ge=1)
+    # the most a request's timeout_ms may ask for (an experiment's: max_experiment_timeout_ms);
+    # never below timeout_ms
+    max_timeout_ms: int = Field(default=300_000, ge=1)
     max_attempts: int = Field(default=3, ge=1)
+    # intake: a message over these limits fails alone (payload_too_large, invalid_payload); a
+    # body over max_payload_bytes never leaves the database
+    max_payload_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    max_headers_bytes: int = Field(default=64 * 1024, ge=256)
+    max_json_depth: int = Field(default=64, ge=8, le=500)
+    max_number_length: int = Field(default=100, ge=20, le=4000)
     queues: tuple[str, ...] = REQUEST_QUEUES
     drain: bool = False
     migrate: bool = True
@@ -60,6 +69,7 @@ class Settings(BaseModel):
     # ExperimentRunner
     regression_threshold: float = Field(default=0.05, ge=0, le=1)
     experiment_timeout_ms: int = Field(default=3_600_000, ge=1)
+    max_experiment_timeout_ms: int = Field(default=3_600_000, ge=1)
     max_experiments_concurrent: int = Field(default=5, ge=1)
     sandbox_max_age_days: float = Field(default=7.0, ge=0)
     sandbox_cleanup_interval_s: float = Field(default=6 * 3600.0, gt=0)
@@ -87,6 +97,11 @@ class Settings(BaseModel):
         if not queues:
             raise ValueError("at least one queue is needed")
         return tuple(dict.fromkeys(queues))
+
+    @property
+    def intake_limits(self) -> IntakeLimits:
+        return IntakeLimits(max_payload_bytes=self.max_payload_bytes, max_headers_bytes=self.max_headers_bytes,
+                            max_depth=self.max_json_depth, max_number_length=self.max_number_length)
 
     @property
     def sandboxes_dir(self) -> Path:

@@ -28,6 +28,8 @@ class WorkContext:
     deadline: float
     cancelled: threading.Event = field(default_factory=threading.Event)
     monotonic: Callable[[], float] = time.monotonic
+    # the run's effective timeout: what the request asked for, cut to the operator's maximum
+    timeout_s: float | None = None
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""
@@ -45,7 +47,8 @@ class Handler(Protocol):
     Return the result object (contract section 5); raise a PermanentError subclass for a
     failure that will not go away, a RetryableError for one that may. The deadline is the
     handler's own `timeout_s(payload)` if it has that method (an experiment's hour), else the
-    payload's `timeout_ms` if it has one, else the consumer's --timeout-ms.
+    payload's `timeout_ms` if it has one, else the consumer's --timeout-ms; either of the first
+    two is cut to the operator's maximum (--max-timeout-ms, --max-experiment-timeout-ms).
     """
 
     payload_type: str

@@ -1,19 +1,60 @@
 -- The consumer's hot path and the admin commands over pgmq. Named blocks: see store/queries.py.
 
 -- name: read_batch
--- Lease up to qty visible messages of one queue for lease_s seconds and mark their runs running, in one round trip.
+-- Lease up to qty visible messages of one queue for lease_s seconds and mark their runs running, in one round trip; each body and headers come as JSON text with its size, the text only under its limit.
 WITH leased AS (
     SELECT msg_id, read_ct, enqueued_at, message, headers
     FROM pgmq.read(%(queue)s, %(lease_s)s, %(qty)s)
 ), runs AS (
     INSERT INTO genesis.workflow_runs AS r (queue, msg_id, type, status, attempts, enqueued_at, started_at, updated_at, consumer)
-    SELECT %(queue)s, msg_id, message ->> 'type', 'running', read_ct, enqueued_at, now(), now(), %(consumer)s
+    -- a longer type is no known type, and could exceed an index row
+    SELECT %(queue)s, msg_id, CASE WHEN length(message ->> 'type') <= %(max_type_chars)s THEN message ->> 'type' END,
+           'running', read_ct, enqueued_at, now(), now(), %(consumer)s
     FROM leased
     ON CONFLICT (queue, msg_id) DO UPDATE
         SET status = 'running', attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at,
             updated_at = now(), consumer = EXCLUDED.consumer, next_attempt_at = NULL
 )
-SELECT msg_id, read_ct, enqueued_at, message, headers FROM leased ORDER BY msg_id
+-- as text, so that the consumer decodes each message on its own; a body over the limit never
+-- leaves the server
+SELECT msg_id, read_ct, enqueued_at, size.body_bytes, size.headers_bytes,
+       CASE WHEN size.body_bytes <= %(max_payload_bytes)s THEN message::text END AS body,
+       CASE WHEN size.headers_bytes <= %(max_headers_bytes)s THEN headers::text END AS headers,
+       -- what the failure of a body too large to fetch echoes, for correlation
+       CASE WHEN size.body_bytes > %(max_payload_bytes)s AND jsonb_typeof(message) = 'object' THEN
+           (SELECT jsonb_object_agg(key, value) FROM jsonb_each(message)
+            WHERE key = ANY(%(id_fields)s::text[]) AND jsonb_typeof(value) IN ('string', 'number')
+              AND octet_length(value::text) <= %(max_identifier_bytes)s)::text END AS identifiers
+FROM leased CROSS JOIN LATERAL (SELECT octet_length(message::text) AS body_bytes,
+                                       octet_length(headers::text) AS headers_bytes) AS size
+ORDER BY msg_id
+
+-- name: lease_bare
+-- Lease up to qty visible messages and mark their runs running without reading their bodies (when read_batch failed on one).
+WITH leased AS (
+    SELECT msg_id, read_ct, enqueued_at FROM pgmq.read(%(queue)s, %(lease_s)s, %(qty)s)
+), runs AS (
+    INSERT INTO genesis.workflow_runs AS r (queue, msg_id, status, attempts, enqueued_at, started_at, updated_at, consumer)
+    SELECT %(queue)s, msg_id, 'running', read_ct, enqueued_at, now(), now(), %(consumer)s
+    FROM leased
+    ON CONFLICT (queue, msg_id) DO UPDATE
+        SET status = 'running', attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at,
+            updated_at = now(), consumer = EXCLUDED.consumer, next_attempt_at = NULL
+)
+SELECT msg_id, read_ct, enqueued_at FROM leased ORDER BY msg_id
+
+-- name: read_body
+-- The body and headers of one message as JSON text with their sizes, each text only under its limit (as read_batch).
+SELECT size.body_bytes, size.headers_bytes,
+       CASE WHEN size.body_bytes <= %(max_payload_bytes)s THEN message::text END AS body,
+       CASE WHEN size.headers_bytes <= %(max_headers_bytes)s THEN headers::text END AS headers,
+       CASE WHEN size.body_bytes > %(max_payload_bytes)s AND jsonb_typeof(message) = 'object' THEN
+           (SELECT jsonb_object_agg(key, value) FROM jsonb_each(message)
+            WHERE key = ANY(%(id_fields)s::text[]) AND jsonb_typeof(value) IN ('string', 'number')
+              AND octet_length(value::text) <= %(max_identifier_bytes)s)::text END AS identifiers
+FROM pgmq.{table} CROSS JOIN LATERAL (SELECT octet_length(message::text) AS body_bytes,
+                                             octet_length(headers::text) AS headers_bytes) AS size
+WHERE msg_id = %(msg_id)s
 
 -- name: archive_batch
 -- Move messages from a queue to its archive; returns the ids that were still in the queue.

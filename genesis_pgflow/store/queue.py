@@ -11,16 +11,22 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
 
+from genesis_pgflow.errors import InvalidPayload
 from genesis_pgflow.messages import (
+    ID_FIELDS,
+    MAX_IDENTIFIER_CHARS,
+    MAX_TYPE_CHARS,
     QUEUES,
+    IntakeLimits,
     Outcome,
     ReadMessage,
     dead_letter_queue,
     envelope,
     redact,
     result_queue,
+    take_in,
 )
-from genesis_pgflow.store.database import Conn, Database, one
+from genesis_pgflow.store.database import Conn, Database, StoreError, one
 from genesis_pgflow.store.queries import sql
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,18 @@ def _final_runs(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
     } for o in outcomes]
 
 
+def _message_fault(exc: StoreError) -> bool:
+    """Whether the server refused to read one message because of what the message is (data,
+    size, memory, time) rather than because it is away."""
+    state = exc.sqlstate or ""
+    return state[:2] in ("22", "54", "XX") or state in ("53200", "57014")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _table(query: str, table: str) -> pgsql.Composed:
     return pgsql.SQL(sql(query)).format(table=pgsql.Identifier(table))
 
@@ -85,19 +103,59 @@ def _table(query: str, table: str) -> pgsql.Composed:
 class PgQueueStore:
     """QueueStore on PostgreSQL with pgmq; each method is one transaction of named queries."""
 
-    def __init__(self, db: Database, consumer: str):
+    def __init__(self, db: Database, consumer: str, limits: IntakeLimits | None = None):
         self.db = db
         self.consumer = consumer
+        self.limits = limits or IntakeLimits()
         self._listener: psycopg.Connection | None = None
         self._listening: tuple[str, ...] = ()
 
     # --- the hot path ---------------------------------------------------------------------
 
     def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
-        params = {"queue": queue, "qty": qty, "lease_s": lease_s, "consumer": self.consumer}
-        rows = self.db.run(lambda conn: conn.execute(sql("read_batch"), params).fetchall())
-        return [ReadMessage(queue, r["msg_id"], r["read_ct"], r["enqueued_at"], r["message"], r["headers"])
-                for r in rows]
+        """Bodies come as JSON text and are decoded one by one (messages.take_in), so that no
+        message, whatever PostgreSQL accepted, fails the batch; if the batch read fails all the
+        same, the messages are leased without their bodies and each body is read on its own."""
+        params = {"queue": queue, "qty": qty, "lease_s": lease_s, "consumer": self.consumer,
+                  "max_type_chars": MAX_TYPE_CHARS, **self._limit_params()}
+        try:
+            rows = self.db.run(lambda conn: conn.execute(sql("read_batch"), params).fetchall())
+        except StoreError as exc:
+            # An outage fails the bare lease below as well, and is raised from there.
+            log.warning("reading a batch of %s failed (%s); reading its messages one by one", queue, _first_line(exc))
+            return self._read_one_by_one(queue, params)
+        return [self._take_in(queue, r, r) for r in rows]
+
+    def _limit_params(self) -> dict[str, Any]:
+        return {"max_payload_bytes": self.limits.max_payload_bytes, "max_headers_bytes": self.limits.max_headers_bytes,
+                "id_fields": list(ID_FIELDS), "max_identifier_bytes": 4 * MAX_IDENTIFIER_CHARS + 2}
+
+    def _take_in(self, queue: str, lease: dict[str, Any], texts: dict[str, Any]) -> ReadMessage:
+        return take_in(queue, lease["msg_id"], lease["read_ct"], lease["enqueued_at"],
+                       body=texts["body"], body_bytes=texts["body_bytes"],
+                       headers=texts["headers"], headers_bytes=texts["headers_bytes"],
+                       identifiers=texts["identifiers"], limits=self.limits)
+
+    def _read_one_by_one(self, queue: str, params: dict[str, Any]) -> list[ReadMessage]:
+        leases = self.db.run(lambda conn: conn.execute(sql("lease_bare"), params).fetchall())
+        query = _table("read_body", f"q_{queue}")
+        messages = []
+        for lease in leases:
+            body_params = {"msg_id": lease["msg_id"], **self._limit_params()}
+            try:
+                texts = self.db.run(lambda conn: conn.execute(query, body_params).fetchone())  # noqa: B023 - run now
+            except StoreError as exc:
+                if not _message_fault(exc):
+                    raise
+                log.error("message %s/%s cannot be read: %s", queue, lease["msg_id"], _first_line(exc))
+                problem = InvalidPayload(f"the message could not be read from its queue: {_first_line(exc)}",
+                                         details={"field": "payload", "sqlstate": exc.sqlstate})
+                messages.append(ReadMessage(queue, lease["msg_id"], lease["read_ct"], lease["enqueued_at"], None,
+                                            problem=problem))
+                continue
+            if texts is not None:   # None: archived by someone else meanwhile
+                messages.append(self._take_in(queue, lease, texts))
+        return messages
 
     def complete(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
         if not outcomes:

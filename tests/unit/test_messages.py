@@ -1,23 +1,29 @@
-"""The wire model: validation errors name the field, unknown types, secrets, the envelope."""
+"""The wire model: validation errors name the field, unknown types, secrets, the envelope, and intake
+(each message decoded on its own, within limits)."""
 
 import datetime as dt
+import json
 
 import pytest
 
-from genesis_pgflow.errors import InvalidPayload, UnknownType
+from genesis_pgflow.errors import InvalidPayload, PayloadTooLarge, UnknownType
 from genesis_pgflow.messages import (
     REDACTED,
     CodeExecutionRequest,
     ExperimentRequest,
     Failure,
+    IntakeLimits,
     LlmConfigUpdate,
     Outcome,
     ReadMessage,
     RuleUpdate,
     all_queue_names,
+    decode_json,
     envelope,
     parse_payload,
+    raw_identifiers,
     redact,
+    take_in,
 )
 
 RULE = {"type": "genesis_rule_update", "namespace": "ns", "rule_id": "r1", "version": 2, "confidence": 0.9,
@@ -116,3 +122,115 @@ def test_nul_characters_which_jsonb_cannot_hold_are_replaced():
     assert envelope(done, "h")["result"] == {"output": "a\ufffdb", "k\ufffd": ["\ufffd"]}
     failed = Outcome(msg, "failed", t0, t0, error=Failure("x", "bad \x00 byte"))
     assert envelope(failed, "h")["error"]["message"] == "bad \ufffd byte"
+
+
+# --- intake: each message decoded on its own, within limits --------------------------------
+
+LIMITS = IntakeLimits()
+
+
+def _decode_fails(text: str, limits: IntakeLimits = LIMITS) -> InvalidPayload:
+    with pytest.raises(InvalidPayload) as info:
+        decode_json(text, limits)
+    return info.value
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 10_000 + "]" * 10_000,
+    '{"a":' * 10_000 + "1" + "}" * 10_000,
+    '{"a": [' * 5_000 + "]}" * 5_000,
+    "[" * 100_000,                          # deep and not even closed
+])
+def test_deep_nesting_is_refused_before_decoding_with_the_depth_and_the_limit(text):
+    error = _decode_fails(text)
+    assert error.code == "invalid_payload"
+    assert "levels deep; at most 64 are accepted" in error.message
+    assert error.details["depth"] >= 10_000 and error.details["limit_depth"] == 64
+
+
+def test_nesting_up_to_the_limit_decodes_and_brackets_inside_strings_do_not_count():
+    assert decode_json("[" * 64 + "]" * 64, LIMITS) is not None
+    _decode_fails("[" * 65 + "]" * 65)
+    assert decode_json('{"code": "' + "[{" * 5_000 + '\\"[[["}', LIMITS) == {"code": "[{" * 5_000 + '"[[['}
+
+
+@pytest.mark.parametrize("number", ["9" * 5_000, "-" + "1" * 5_000, "1." + "0" * 5_000, "1e" + "9" * 5_000])
+def test_a_long_number_is_refused_naming_its_length(number):
+    error = _decode_fails('{"type": "genesis_rule_update", "version": ' + number + "}")
+    assert "holds a number of" in error.message and "at most 100 are accepted" in error.message
+    assert error.details["number_length"] == len(number)
+
+
+def test_digits_inside_strings_are_not_numbers():
+    assert decode_json('{"id": "' + "9" * 5_000 + '"}', LIMITS) == {"id": "9" * 5_000}
+
+
+def test_a_huge_body_is_too_large_before_anything_is_decoded():
+    text = '{"code": "' + "x" * (3 * 1024 * 1024) + '"}'
+    with pytest.raises(PayloadTooLarge) as info:
+        decode_json(text, LIMITS)
+    assert info.value.code == "payload_too_large"
+    assert info.value.details == {"field": "payload", "size_bytes": len(text), "limit_bytes": 2 * 1024 * 1024}
+    assert f"{len(text)} bytes" in info.value.message
+    # the size is in UTF-8 bytes, not characters
+    with pytest.raises(PayloadTooLarge):
+        decode_json('"' + "é" * 600 + '"', IntakeLimits(max_payload_bytes=1_000))
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"a": "\\u0000"}', "NUL"),
+    ('{"\\u0000": 1}', "NUL"),
+    ('["\\ud800"]', "lone surrogate (\\ud800)"),
+    ('{"x": "\\udc00 tail"}', "lone surrogate (\\udc00)"),
+    ("[NaN]", "NaN is not a JSON number"),
+    ('{"n": Infinity}', "Infinity is not a JSON number"),
+    ("[-Infinity]", "-Infinity is not a JSON number"),
+    ("[1e999]", "out of range"),
+    ('{"a": 1', "not valid JSON"),
+    ('"' + '\\"' * 50_000 + "\\", "not valid JSON"),   # unterminated, full of escaped quotes
+    ("", "not valid JSON"),
+    ("\x00", "not valid JSON"),
+])
+def test_what_json_or_postgresql_cannot_hold_is_invalid_naming_the_problem(text, words):
+    assert words in _decode_fails(text).message
+
+
+def test_valid_json_decodes_to_the_same_value_as_json_loads():
+    text = '{"type": "t", "emoji": "\\ud83d\\ude00", "list": [1, -2.5e3, true, false, null], "s": "a\\"b"}'
+    assert decode_json(text, LIMITS) == {"type": "t", "emoji": "\U0001F600", "list": [1, -2500.0, True, False, None],
+                                         "s": 'a"b'}
+
+
+def test_take_in_turns_every_problem_into_the_message_never_an_exception():
+    t0 = dt.datetime(2026, 11, 21, 10, 0, tzinfo=dt.timezone.utc)
+    good = take_in("q", 1, 1, t0, body=json.dumps(RULE), body_bytes=None, limits=LIMITS)
+    assert good.body == RULE and good.problem is None and good.headers is None
+    deep = take_in("q", 2, 1, t0, body="[" * 9_999 + "]" * 9_999, body_bytes=None, limits=LIMITS)
+    assert deep.body is None and deep.problem is not None and deep.problem.code == "invalid_payload"
+    unread = take_in("q", 3, 1, t0, body=None, body_bytes=60 * 1024 * 1024, limits=LIMITS)
+    assert unread.problem is not None and unread.problem.code == "payload_too_large"
+    assert unread.problem.details["size_bytes"] == 60 * 1024 * 1024
+    bad_headers = take_in("q", 4, 1, t0, body=json.dumps(RULE), body_bytes=None,
+                          headers='{"correlation_id": ' + "1" * 500 + "}", headers_bytes=None, limits=LIMITS)
+    assert bad_headers.body == RULE and bad_headers.problem is not None
+    assert bad_headers.problem.details["field"] == "headers"
+    big_headers = take_in("q", 5, 1, t0, body="{}", body_bytes=2, headers=None, headers_bytes=10**6, limits=LIMITS)
+    assert big_headers.problem is not None and big_headers.problem.code == "payload_too_large"
+    assert "headers is 1000000 bytes" in big_headers.problem.message
+    headers = take_in("q", 6, 1, t0, body="{}", body_bytes=2, headers='{"correlation_id": "c-1"}',
+                      headers_bytes=25, limits=LIMITS)
+    assert headers.headers == {"correlation_id": "c-1"} and headers.problem is None
+
+
+def test_echoed_identifiers_and_types_stay_bounded():
+    long_id = "x" * 10_000
+    assert raw_identifiers({"id": long_id, "rule_id": "r1"}) == {"rule_id": "r1"}
+    with pytest.raises(UnknownType) as info:
+        parse_payload({"type": "t" * 100_000})
+    assert len(info.value.message) < 500 and len(info.value.details["type"]) < 200
+    with pytest.raises(InvalidPayload, match="id: String should have at most 256 characters"):
+        parse_payload({"type": "code_execution_request", "id": long_id, "code": "", "language": "python",
+                       "analysis_type": "quality"})
+    t0 = dt.datetime(2026, 11, 21, 10, 0, tzinfo=dt.timezone.utc)
+    assert ReadMessage("q", 1, 1, t0, {"type": "t" * 129}).type is None
+    assert ReadMessage("q", 1, 1, t0, {"type": "genesis_rule_update"}).type == "genesis_rule_update"
