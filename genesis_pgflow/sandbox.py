@@ -283,18 +283,21 @@ class Sandbox:
     def run(self, argv: Sequence[str], *, files: Mapping[str, str | bytes] | None = None,
             writable: Path | None = None, cwd: str = ".", env: dict[str, str] | None = None,
             ro_paths: Sequence[Path] = (), limits: Limits | None = None,
-            timeout_s: float | None = None, cancelled: threading.Event | None = None) -> SandboxResult:
+            timeout_s: float | None = None, cancelled: threading.Event | None = None,
+            pass_fds: Sequence[int] = ()) -> SandboxResult:
         """Run argv in the sandbox with /sandbox/<cwd> as its working directory.
 
         files: relative path -> content, written into the fresh scratch tmpfs (not with writable).
         writable: an existing host directory mounted read-write at /sandbox instead of the tmpfs.
         env: extra environment (the host's is never passed; HOME, TMPDIR, PATH and LANG are set).
         ro_paths: extra host paths visible read-only at the same place, for this run only.
+        pass_fds: descriptors the command inherits, same numbers (a report channel, suite.py).
         The wall time is the smaller of limits.wall_s and timeout_s. Raises SandboxUnavailable
         if the sandbox cannot be set up, never running the command unsandboxed."""
         self.check()
         return self._run(argv, files=files, writable=writable, cwd=cwd, env=env, ro_paths=ro_paths,
-                         limits=limits or self.limits, timeout_s=timeout_s, cancelled=cancelled)
+                         limits=limits or self.limits, timeout_s=timeout_s, cancelled=cancelled,
+                         pass_fds=pass_fds)
 
     def run_tool(self, argv: Sequence[str], *, limits: Limits, timeout_s: float,
                  cancelled: threading.Event | None = None, cwd: Path | None = None,
@@ -332,7 +335,8 @@ class Sandbox:
 
     def _run(self, argv: Sequence[str], *, files: Mapping[str, str | bytes] | None, writable: Path | None,
              cwd: str, env: dict[str, str] | None, ro_paths: Sequence[Path], limits: Limits,
-             timeout_s: float | None, cancelled: threading.Event | None) -> SandboxResult:
+             timeout_s: float | None, cancelled: threading.Event | None,
+             pass_fds: Sequence[int] = ()) -> SandboxResult:
         if writable is not None and files:
             raise ValueError("files are for the scratch tmpfs; write them into `writable` instead")
         wall_s = limits.wall_s if timeout_s is None else min(limits.wall_s, timeout_s)
@@ -340,7 +344,7 @@ class Sandbox:
             uid = stack.enter_context(self._lease_uid())
             run = stack.enter_context(self._run_cgroup(limits))
             scratch = None if writable is not None else stack.enter_context(self._scratch(uid, limits))
-            fds: list[int] = []
+            fds: list[int] = [*pass_fds]
             mounts = self._mounts(files or {}, writable, scratch, uid, list(ro_paths), limits, fds, stack)
             mounts += ["--seccomp", str(self._seccomp_fd(stack, fds))]
             command = self._command(argv, uid, limits, mounts, cwd, env or {})
@@ -483,6 +487,9 @@ class Sandbox:
             resolved = Path(path).resolve()
             if not resolved.exists():
                 raise ValueError(f"read-only path {path} does not exist")
+            # bwrap as root makes missing parents 0700: the sandbox's uid could not reach the path
+            for ancestor in reversed(resolved.parents[:-1]):
+                mounts += ["--perms", "0755", "--dir", str(ancestor)]
             mounts += ["--ro-bind", str(resolved), str(resolved)]
         if writable is not None:
             writable = Path(writable).resolve()

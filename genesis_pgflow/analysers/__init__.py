@@ -17,12 +17,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from genesis_pgflow.errors import AnalyserFailed, GenesisError, ResourceLimit, WorkflowTimeout
 from genesis_pgflow.sandbox import Limits, Sandbox, SandboxResult
+from genesis_pgflow.suite import Verdict
 
 ANALYSIS_TYPES = ("quality", "linting", "security", "testing")
 SEVERITY_WEIGHTS = {"error": 10.0, "warning": 5.0, "info": 1.0}
@@ -122,6 +123,25 @@ def testing_analysis(counts: TestCounts, issues: list[Issue], output: str) -> An
     return Analysis(issues, score, counts, output)
 
 
+def verdict_analysis(verdict: Verdict, issues: list[Issue], result: SandboxResult) -> Analysis:
+    """testing, counted from a report channel (suite.py). A run whose report is not whole (cut
+    short, forged, a halt before the end, the runner patched) counts no pass at all: only the
+    failures and errors it verified (a test that never finished is one), and at least one error."""
+    errors = verdict.count("error")
+    counts = TestCounts(passed=verdict.count("passed") if verdict.measured else 0, failed=verdict.count("failed"),
+                        errors=errors if verdict.measured else max(1, errors))
+    if result.timed_out:
+        issues = [*issues, Issue("test-timeout", "error", None, "the tests ran past the sandbox's wall time")]
+    elif not verdict.measured:
+        issues = [*issues, Issue("test-report", "error", None,
+                                 f"the tests' report is not whole ({verdict.counted_by}): {verdict.problems[0]}")]
+    if verdict.rewritten:
+        issues = [*issues, Issue("test-report-rewritten", "error", None,
+                                 f"a hook rewrote the report of {len(verdict.rewritten)} test(s); "
+                                 f"counted as they ran: {', '.join(verdict.rewritten[:5])}")]
+    return testing_analysis(counts, issues, result.stdout + result.stderr)
+
+
 def line_of(code: str, offset: int) -> int:
     """The 1-based line of a UTF-8 byte offset into code."""
     return code.encode("utf-8")[:offset].count(b"\n") + 1
@@ -169,10 +189,11 @@ class Toolchain:
                                            stdin=stdin.encode("utf-8") if stdin is not None else None)
         return self._finished(argv, result, self.tool_limits)
 
-    def sandboxed(self, argv: list[str], *, files: dict[str, str], env: dict[str, str] | None = None) -> SandboxResult:
+    def sandboxed(self, argv: list[str], *, files: dict[str, str], env: dict[str, str] | None = None,
+                  ro_paths: Sequence[Path] = (), pass_fds: Sequence[int] = ()) -> SandboxResult:
         """Run untrusted code in the sandbox; SandboxUnavailable if it cannot be set up."""
-        result = self.sandbox.run(argv, files=files, env=env, limits=self.test_limits,
-                                  timeout_s=self.remaining(), cancelled=self.cancelled)
+        result = self.sandbox.run(argv, files=files, env=env, limits=self.test_limits, ro_paths=ro_paths,
+                                  timeout_s=self.remaining(), cancelled=self.cancelled, pass_fds=pass_fds)
         if result.timed_out and self.remaining() > 0:
             return result  # the sandbox's own wall time: the tests' failure, reported as such
         return self._finished(argv, result, self.test_limits)

@@ -17,13 +17,13 @@ from genesis_pgflow.analysers import (
     Analysis,
     Function,
     Issue,
-    TestCounts,
     Toolchain,
     issues_score,
     quality_analysis,
-    testing_analysis,
+    verdict_analysis,
 )
 from genesis_pgflow.errors import SandboxUnavailable
+from genesis_pgflow.suite import REPORTERS_DIR, ReportChannel, exunit_argv
 
 # run with `elixir analyse.exs MODE`, the code on stdin
 ANALYSE = r"""
@@ -227,15 +227,14 @@ end
 GenesisAnalysis.main(System.argv())
 """
 
-# the code is loaded as code.exs, then ExUnit runs whatever test modules it defined
+# the code is loaded as code.exs, then ExUnit runs whatever test modules it defined; our formatter
+# (required first, suite.py) counts them
 RUN_TESTS = r"""
-ExUnit.start(autorun: false, seed: 0, colors: [enabled: false])
+ExUnit.start(autorun: false, seed: 0, colors: [enabled: false],
+             formatters: [ExUnit.CLIFormatter, GenesisPgflow.ExUnitFormatter])
 Code.require_file("code.exs")
-%{total: total, failures: failures, skipped: skipped, excluded: excluded} = ExUnit.run()
-IO.puts("GENESIS_EXUNIT total=#{total} failures=#{failures} skipped=#{skipped} excluded=#{excluded}")
+ExUnit.run()
 """
-_SUMMARY = re.compile(r"^GENESIS_EXUNIT total=(\d+) failures=(\d+) skipped=(\d+) excluded=(\d+)$", re.MULTILINE)
-_FAILURE = re.compile(r"^\s+\d+\) (test .+?) \((.+?)\)\n\s+code\.exs:(\d+)", re.MULTILINE)
 _WARNING = re.compile(r"^warning: (.+?)\n\s+code\.ex:(\d+)", re.MULTILINE | re.DOTALL)
 _COMPILE_ERROR = re.compile(r"^\*\* \((\w+Error)\) code\.ex:(\d+):(?:\d+:)? (.+)$", re.MULTILINE)
 
@@ -288,21 +287,19 @@ def _compiler_warnings(code: str, tools: Toolchain) -> list[Issue]:
 
 
 def testing(code: str, tools: Toolchain) -> Analysis:
-    result = tools.sandboxed([tools.elixir, "run.exs"], files={"run.exs": RUN_TESTS, "code.exs": code})
+    """ExUnit on the code, in the sandbox; counts from our formatter's channel (suite.py), never
+    from the output."""
+    with ReportChannel() as channel:
+        result = tools.sandboxed(exunit_argv(tools.elixir, "run.exs"), files={"run.exs": RUN_TESTS, "code.exs": code},
+                                 env=channel.env, ro_paths=[REPORTERS_DIR], pass_fds=channel.pass_fds)
+    verdict = channel.verdict("exunit-formatter")
     output = result.stdout + result.stderr
-    summary = _SUMMARY.findall(result.stdout)
-    if summary:
-        total, failures, skipped, excluded = (int(n) for n in summary[-1])
-        counts = TestCounts(passed=total - failures - skipped - excluded, failed=failures)
-    else:  # the code did not load (syntax or compile error), or the run was killed
-        counts = TestCounts(errors=1)
-    issues = [Issue("test-failed", "error", int(line), f"{name} ({module})")
-              for name, module, line in _FAILURE.findall(output)]
-    if not summary:
-        issues.append(Issue("test-timeout" if result.timed_out else "test-error", "error", None,
-                            "the tests ran past the sandbox's wall time" if result.timed_out
-                            else "the code did not load: " + _first_error(output)))
-    return testing_analysis(counts, issues, output)
+    issues = [Issue("test-failed" if outcome == "failed" else "test-error", "error", verdict.lines.get(test_id),
+                    f"{test_id.split('::', 1)[-1]} ({test_id.split('::', 1)[0]})")
+              for test_id, outcome in verdict.outcomes.items() if outcome in ("failed", "error")]
+    if not verdict.outcomes and not result.timed_out and "** (" in output:
+        issues.append(Issue("test-error", "error", None, "the code did not load: " + _first_error(output)))
+    return verdict_analysis(verdict, issues, result)
 
 
 def _first_error(output: str) -> str:

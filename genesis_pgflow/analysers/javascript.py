@@ -9,7 +9,6 @@ strings are never mistaken for calls; the code is parsed, never run.
 from __future__ import annotations
 
 import json
-import re
 from functools import partial
 from pathlib import Path
 
@@ -17,13 +16,13 @@ from genesis_pgflow.analysers import (
     Analyser,
     Analysis,
     Issue,
-    TestCounts,
     Toolchain,
     issues_score,
     line_of,
-    testing_analysis,
+    verdict_analysis,
 )
 from genesis_pgflow.analysers.generic import lizard_quality
+from genesis_pgflow.suite import REPORTERS_DIR, ReportChannel, node_argv
 
 # node helper.js TYPESCRIPT_DIR MODE (security | prepare) FILENAME, the code on stdin; prints JSON
 HELPER = r"""
@@ -109,8 +108,6 @@ process.stdout.write(JSON.stringify(issues));
 """
 _EXTENSIONS = {"javascript": "js", "typescript": "ts"}
 _BIOME_SEVERITY = {"fatal": "error", "error": "error", "warning": "warning", "information": "info", "hint": "info"}
-_TAP_COUNT = re.compile(r"^# (pass|fail|cancelled|todo|skipped) (\d+)$", re.MULTILINE)
-_TAP_FAILED = re.compile(r"^\s*not ok \d+ - (.+)$(?:\n(?!\s*(?:not )?ok ).*)*?\n\s+location: '[^']*?:(\d+):\d+'", re.MULTILINE)
 
 
 def _biome(tools: Toolchain) -> Path:
@@ -153,21 +150,17 @@ def security(code: str, tools: Toolchain, *, extension: str) -> Analysis:
 
 
 def testing(code: str, tools: Toolchain, *, extension: str) -> Analysis:
-    """node --test on the code (TypeScript transpiled first, by the parser, without running it)."""
+    """node --test on the code (TypeScript transpiled first, by the parser, without running it);
+    counts from our reporter's channel (suite.py), never from the output."""
     prepared = _helper(code, "prepare", f"code.{extension}", tools)
     name = "code.test.mjs" if prepared["esm"] else "code.test.cjs"  # type: ignore[index]
-    result = tools.sandboxed([tools.node, "--test", "--test-reporter=tap", name],
-                             files={name: prepared["code"]})  # type: ignore[index]
-    output = result.stdout + result.stderr
-    counts = {kind: int(n) for kind, n in _TAP_COUNT.findall(result.stdout)}
-    if counts:
-        tests = TestCounts(passed=counts.get("pass", 0), failed=counts.get("fail", 0), errors=counts.get("cancelled", 0))
-    else:
-        tests = TestCounts(errors=1)
-    issues = [Issue("test-failed", "error", int(line), f"{title.strip()}") for title, line in _TAP_FAILED.findall(result.stdout)]
-    if result.timed_out:
-        issues.append(Issue("test-timeout", "error", None, "the tests ran past the sandbox's wall time"))
-    return testing_analysis(tests, issues, output)
+    with ReportChannel() as channel:
+        result = tools.sandboxed(node_argv(tools.node, [name]), files={name: prepared["code"]},  # type: ignore[index]
+                                 env=channel.env, ro_paths=[REPORTERS_DIR], pass_fds=channel.pass_fds)
+    verdict = channel.verdict("node-reporter")
+    issues = [Issue("test-failed", "error", verdict.lines.get(test_id), test_id.split("::", 1)[-1])
+              for test_id, outcome in verdict.outcomes.items() if outcome in ("failed", "error")]
+    return verdict_analysis(verdict, issues, result)
 
 
 def analysers(tools: Toolchain) -> dict[tuple[str, str], Analyser]:

@@ -10,14 +10,14 @@ from genesis_pgflow.analysers import (
     Analysis,
     Function,
     Issue,
-    TestCounts,
     Toolchain,
     clamp_score,
     complexity_score,
     issues_score,
     quality_analysis,
-    testing_analysis,
+    verdict_analysis,
 )
+from genesis_pgflow.suite import REPORTERS_DIR, ReportChannel, pytest_argv
 
 # run in a subprocess: radon parses the code with ast and never runs it
 _RADON = """
@@ -43,8 +43,6 @@ print(json.dumps({"functions": [[b.fullname, b.lineno, b.complexity] for b in bl
 RUFF_RULES = "E4,E7,E9,F,W,B,SIM,I"
 _RUFF_ERRORS = re.compile(r"^(E9|F8[0-9][0-9]|F63|F7|invalid-syntax)")
 _BANDIT_SEVERITY = {"HIGH": "error", "MEDIUM": "warning", "LOW": "info"}
-_PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|errors?|xpassed|xfailed)\b")
-_PYTEST_FAILED = re.compile(r"^(FAILED|ERROR) \S*?::(\S+)(?: - (.*))?$", re.MULTILINE)
 
 
 def quality(code: str, tools: Toolchain) -> Analysis:
@@ -91,25 +89,19 @@ def security(code: str, tools: Toolchain) -> Analysis:
 
 
 def testing(code: str, tools: Toolchain) -> Analysis:
-    """pytest on the code as test_code.py, in the sandbox."""
-    result = tools.sandboxed(
-        [tools.sandbox_python, "-m", "pytest", "-q", "-rfE", "--tb=short", "--color=no",
-         "-p", "no:cacheprovider", "test_code.py"],
-        files={"test_code.py": code}, env={"PYTHONDONTWRITEBYTECODE": "1"})
-    output = result.stdout + result.stderr
-    counts = {"passed": 0, "failed": 0, "errors": 0}
-    summary = output.strip().splitlines()[-1] if output.strip() else ""
-    for number, kind in _PYTEST_COUNT.findall(summary):
-        key = {"error": "errors", "xpassed": "passed", "xfailed": "passed"}.get(kind, kind)
-        counts[key] += int(number)
-    if result.timed_out or (not any(counts.values()) and result.returncode not in (0, 5)):
-        counts["errors"] += 1
-    issues = [Issue("test-failed" if kind == "FAILED" else "test-error", "error", _def_line(code, name),
-                    f"{name}: {message or kind.lower()}")
-              for kind, name, message in _PYTEST_FAILED.findall(output)]
-    if result.timed_out:
-        issues.append(Issue("test-timeout", "error", None, "the tests ran past the sandbox's wall time"))
-    return testing_analysis(TestCounts(**counts), issues, output)
+    """pytest on the code as test_code.py, in the sandbox; counts from our plugin's report channel
+    (suite.py), never from the output."""
+    with ReportChannel() as channel:
+        argv = pytest_argv(tools.sandbox_python, ["-q", "-rfE", "--tb=short", "--color=no", "-p", "no:cacheprovider",
+                                                  "test_code.py"], channel)
+        result = tools.sandboxed(argv, files={"test_code.py": code}, ro_paths=[REPORTERS_DIR],
+                                 pass_fds=channel.pass_fds)
+    verdict = channel.verdict("pytest-plugin")
+    issues = [Issue("test-failed" if outcome == "failed" else "test-error", "error",
+                    _def_line(code, test_id.split("::")[-1]),
+                    f"{test_id.split('::')[-1]}: {verdict.messages.get(test_id) or outcome}")
+              for test_id, outcome in verdict.outcomes.items() if outcome in ("failed", "error")]
+    return verdict_analysis(verdict, issues, result)
 
 
 def _def_line(code: str, test_name: str) -> int | None:

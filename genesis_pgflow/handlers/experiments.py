@@ -8,7 +8,8 @@ One experiment, start to end:
    retried later, when it is); the producer's oldest kept copies go first when it is over its caps;
 1. isolate: fetch `repo` at `base_ref` into <home>/sandboxes/<experiment_id>/ (workspace.py), at
    most GENESIS_EXPERIMENT_MAX_COPY_MB;
-2. baseline: run the test suite there, in the sandbox (sandbox.py), per-test outcomes from JUnit XML;
+2. baseline: run the test suite there, in the sandbox (sandbox.py), per-test outcomes from the runner's
+   report channel, never from the suite's output (suite.py);
    each run writes to a capped scratch over the copy (Workspace.scratch), never to the copy itself;
 3. change: apply `changes` (whole files, or a unified diff checked by `git apply --check`), commit
    on branch experiment/<experiment_id>, run the same tests again;
@@ -31,7 +32,6 @@ import importlib.util
 import logging
 import math
 import os
-import stat
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -39,7 +39,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from xml.etree import ElementTree
 
 from genesis_pgflow import maintenance
 from genesis_pgflow.errors import (
@@ -52,26 +51,29 @@ from genesis_pgflow.errors import (
 )
 from genesis_pgflow.handlers.base import WorkContext
 from genesis_pgflow.messages import ExperimentRequest
-from genesis_pgflow.sandbox import SANDBOX_DIR, Limits, Sandbox, SandboxResult
+from genesis_pgflow.sandbox import Limits, Sandbox
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.experiments import (
     ExperimentRecords,
     ExperimentStart,
-    RunRecord,
+)
+from genesis_pgflow.suite import (  # noqa: F401 - TestRun, parse_junit, read_report: this module's interface too
+    NO_TESTS_COLLECTED,
+    Outcome,
+    TestRun,
+    parse_junit,
+    read_report,
+    run_tests,
+    test_config_changes,
 )
 from genesis_pgflow.workspace import RepoAllow, Source, Workspace, tree_size
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["passed", "failed", "error", "skipped"]
 Status = Literal["success", "regressed", "failed"]
 Recommendation = Literal["merge", "merge_with_review", "reject"]
 
-JUNIT_FILE = ".genesis-junit.xml"
-JUNIT_MAX_BYTES = 32 * 2**20
 SANDBOX_PYTHON = "/usr/bin/python3"
-# pytest's exit status when it collected no test at all
-NO_TESTS_COLLECTED = 5
 
 # Test suites get more room than the sandbox's defaults for snippets; wall and CPU time are cut
 # down to what is left of the experiment's time at each run.
@@ -139,78 +141,6 @@ DEFAULT_SELECTION: Mapping[str, TestSelection] = {
 }
 
 
-# --- one run's per-test outcomes ------------------------------------------------------------
-
-_SEVERITY = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
-
-
-@dataclass
-class TestRun:
-    """One test-suite run: the outcome of each test, by id."""
-
-    __test__ = False
-
-    outcomes: dict[str, Outcome]
-    command: list[str]
-    result: SandboxResult
-    measured: bool  # per-test outcomes came from a JUnit report
-
-    def count(self, outcome: Outcome) -> int:
-        return sum(1 for o in self.outcomes.values() if o == outcome)
-
-    @property
-    def passed(self) -> set[str]:
-        return {t for t, o in self.outcomes.items() if o == "passed"}
-
-    @property
-    def test_count(self) -> int:
-        return sum(1 for o in self.outcomes.values() if o != "skipped")
-
-    @property
-    def success_rate(self) -> float:
-        return len(self.passed) / self.test_count if self.test_count else 0.0
-
-    def record(self, phase: str, commit: str | None) -> RunRecord:
-        output = (self.result.stdout + self.result.stderr)[-4000:]
-        return RunRecord(phase=phase, commit=commit, command=self.command, returncode=self.result.returncode,
-                         timed_out=self.result.timed_out, passed=self.count("passed"),
-                         failed=self.count("failed"), errors=self.count("error"), skipped=self.count("skipped"),
-                         duration_ms=round(self.result.duration_s * 1000.0, 3), output_tail=output)
-
-
-def parse_junit(text: str) -> dict[str, Outcome]:
-    """test id (classname::name) -> outcome, from pytest's JUnit XML. A test reported twice (a
-    teardown error after a pass) keeps its worst outcome."""
-    if "<!DOCTYPE" in text or "<!ENTITY" in text:
-        raise ValueError("JUnit report with a DTD refused")  # no entity expansion of untrusted XML
-    root = ElementTree.fromstring(text)
-    outcomes: dict[str, Outcome] = {}
-    for case in root.iter("testcase"):
-        classname, name = case.get("classname", ""), case.get("name", "")
-        test_id = f"{classname}::{name}" if classname else name
-        tags = {child.tag for child in case}
-        outcome: Outcome = ("error" if "error" in tags else "failed" if "failure" in tags
-                            else "skipped" if "skipped" in tags else "passed")
-        previous = outcomes.get(test_id)
-        if previous is None or _SEVERITY[outcome] > _SEVERITY[previous]:
-            outcomes[test_id] = outcome
-    return outcomes
-
-
-def read_report(path: Path) -> str | None:
-    """The report the test run wrote, if it is a regular file (never through a symlink the code
-    under test planted) of sane size."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > JUNIT_MAX_BYTES:
-            return None
-        return handle.read().decode("utf-8", errors="replace")
-
-
 # --- metrics and the decision ---------------------------------------------------------------
 
 
@@ -254,14 +184,17 @@ class Decision:
     reason: str
 
 
-def decide(metrics: Metrics, *, risk_level: str, threshold: float, measured: bool = True) -> Decision:
+def decide(metrics: Metrics, *, risk_level: str, threshold: float, measured: bool = True,
+           flags: Sequence[str] = ()) -> Decision:
     """The documented rules, in order:
 
     1. regression > threshold                      -> regressed, reject, rolled back
     2. the change could not be measured, or its
        success_rate < baseline_success_rate        -> failed, reject (kept for analysis)
-    3. risk high, no tests ran, or some test that
-       passed at the baseline fails now             -> success, merge_with_review
+    3. risk high, no tests ran, some test that
+       passed at the baseline fails now, or a flag
+       (the change touches the test configuration
+       or a hook rewrote a report)                  -> success, merge_with_review
     4. otherwise                                    -> success, merge
     """
     if metrics.regression > threshold:
@@ -279,6 +212,9 @@ def decide(metrics: Metrics, *, risk_level: str, threshold: float, measured: boo
     if metrics.new_failures:
         return Decision("success", "merge_with_review", False,
                         f"{metrics.new_failures} test(s) that passed at the baseline fail now")
+    if flags:
+        # the change may have changed how tests report (suite.test_config_changes): a person looks
+        return Decision("success", "merge_with_review", False, f"flagged: {', '.join(flags)}")
     return Decision("success", "merge", False, "no regression")
 
 
@@ -521,8 +457,11 @@ class ExperimentRunner:
         workspace.restore(change_commit)
 
         metrics = measure(baseline, change, (self.monotonic() - attempt.started) * 1000.0)
+        config_changes = test_config_changes(workspace.git(
+            "diff", "--name-only", "--no-renames", "-z", attempt.baseline_commit, change_commit).stdout.split("\0"))
+        flags = (["test_config_changed"] if config_changes else []) + sorted({*baseline.flags, *change.flags})
         decision = decide(metrics, risk_level=request.risk_level, threshold=self.settings.regression_threshold,
-                          measured=change.measured)
+                          measured=change.measured, flags=flags)
         if decision.rollback:
             workspace.git("update-ref", f"refs/genesis/rolled-back/{workspace.branch}", change_commit)
             workspace.rollback(attempt.baseline_commit)
@@ -540,6 +479,9 @@ class ExperimentRunner:
             "rolled_back": attempt.rolled_back,
             "baseline_commit": attempt.baseline_commit,
             "sandbox_path": str(workspace.path),
+            "counted_by": change.counted_by,
+            "flags": flags,
+            "test_config_changes": config_changes,
         }
         self.records.experiment_finished(request.experiment_id, result)
         log.info("experiment %s: %s, %s (%s)", request.experiment_id, decision.status, decision.recommendation,
@@ -599,51 +541,22 @@ class ExperimentRunner:
             run = self._test_run(request, ctx, attempt)
         return run
 
-    def command(self, request: ExperimentRequest, selection: Sequence[str]) -> tuple[list[str], bool]:
-        """The argv to run inside the sandbox, and whether it is pytest (so selection and the JUnit
-        report apply). `pytest ...` and `python ...` use the sandbox's interpreter."""
-        argv = list(request.test_command or ["pytest"])
-        if argv[0] in ("pytest", "py.test"):
-            argv = [self.python, "-m", "pytest", *argv[1:]]
-        elif argv[0] in ("python", "python3"):
-            argv = [self.python, *argv[1:]]
-        is_pytest = (len(argv) >= 3 and argv[1] == "-m" and argv[2] == "pytest") or \
-            os.path.basename(argv[0]) in ("pytest", "py.test")
-        if is_pytest:
-            argv += ["-q", "-p", "no:cacheprovider", f"--junitxml={SANDBOX_DIR}/{JUNIT_FILE}",
-                     "-o", "junit_logging=no", *selection]
-        return argv, is_pytest
-
     def _test_run(self, request: ExperimentRequest, ctx: WorkContext, attempt: _Attempt) -> TestRun:
+        """One run of the suite (suite.py: the command, the report channel, the verdict)."""
         left = self._check_time(ctx, attempt)
-        workspace = attempt.workspace
-        argv, is_pytest = self.command(request, attempt.selection)
-        env = {"PYTHONDONTWRITEBYTECODE": "1", "GENESIS_JUNIT_XML": f"{SANDBOX_DIR}/{JUNIT_FILE}",
-               "CI": "true"}
-        if self.python_path:
-            env["PYTHONPATH"] = os.pathsep.join(str(p) for p in self.python_path)
         limits = dataclasses.replace(self.limits, wall_s=min(self.limits.wall_s, left),
                                      cpu_s=max(1, min(self.limits.cpu_s, math.ceil(left))))
-        (workspace.path / JUNIT_FILE).unlink(missing_ok=True)
-        with workspace.scratch(max_bytes=self.settings.experiment_scratch_mb * 2**20,
-                               max_inodes=self.settings.experiment_scratch_inodes) as root:
-            result = self.sandbox.run(argv, writable=root, env=env, ro_paths=self.python_path,
-                                      limits=limits, timeout_s=left, cancelled=ctx.cancelled)
-            text = read_report(root / JUNIT_FILE)
+        with attempt.workspace.scratch(max_bytes=self.settings.experiment_scratch_mb * 2**20,
+                                       max_inodes=self.settings.experiment_scratch_inodes) as root:
+            run = run_tests(self.sandbox, request.test_command, attempt.selection, root=root, python=self.python,
+                            python_path=self.python_path, limits=limits, timeout_s=left, cancelled=ctx.cancelled)
+        result = run.result
         if result.timed_out or result.cancelled:
             raise ExperimentTimedOut(f"the test suite was still running after {result.duration_s:.1f}s"
                                      if result.timed_out else "cancelled")
         if result.returncode != 0 and result.stderr.startswith("bwrap:"):
             raise SandboxUnavailable(f"the sandbox could not start the tests: {result.stderr.strip()[:500]}")
-        outcomes: dict[str, Outcome] = {}
-        measured = False
-        if text is not None:
-            try:
-                outcomes, measured = parse_junit(text), True
-            except (ElementTree.ParseError, ValueError) as exc:
-                log.warning("experiment %s: unreadable JUnit report: %s", request.experiment_id, exc)
-        if not measured and result.returncode != NO_TESTS_COLLECTED:
-            # no per-test report: the command itself is the one test
-            outcomes = {" ".join(request.test_command or ["pytest"]): "passed" if result.returncode == 0 else "error"}
-            measured = result.returncode == 0 or not is_pytest
-        return TestRun(outcomes, argv, result, measured)
+        if run.problems:
+            log.warning("experiment %s: %s run not measured: %s", request.experiment_id, run.counted_by,
+                        "; ".join(run.problems[:3]))
+        return run

@@ -203,6 +203,7 @@ def test_a_harmless_change_succeeds_and_is_recommended(runner: ExperimentRunner,
                     "test_count": 4, "failures": 0},
         "recommendation": "merge", "rolled_back": False, "baseline_commit": baseline,
         "sandbox_path": str(runner.settings.sandboxes_dir / "exp-1"),
+        "counted_by": "pytest-plugin", "flags": [], "test_config_changes": [],
     }
     assert result["metrics"]["duration_ms"] > 0
     copy = Path(result["sandbox_path"])
@@ -364,7 +365,7 @@ def test_a_selection_that_collects_nothing_falls_back_to_the_whole_suite(runner:
     result = runner(request(repo, risk_level="low"), context())  # low: not integration -> nothing
     assert result["metrics"]["test_count"] == 4
     runs = records.show_experiment("exp-1")["runs"]  # type: ignore[index]
-    assert [r["command"][-1] for r in runs] == ["junit_logging=no"] * 2  # the whole suite, both times
+    assert [r["command"][-1] for r in runs] == ["no:cacheprovider"] * 2  # the whole suite, both times
 
 
 @pytest.mark.sandbox
@@ -421,7 +422,8 @@ def test_at_most_max_experiments_concurrent_run_at_once(repos: Repos, home: Path
     runner = ExperimentRunner(settings_for(home, repos, max_experiments_concurrent=2), MemoryExperimentRecords(),
                               fake)  # type: ignore[arg-type]
     results: list[dict[str, Any]] = []
-    threads = [threading.Thread(target=lambda i=i: results.append(runner(request(repo, f"exp-{i}"), context())))
+    threads = [threading.Thread(target=lambda i=i: results.append(runner(request(repo, f"exp-{i}", test_command=["true"]),
+                                                                         context())))
                for i in range(4)]
     for thread in threads:
         thread.start()
@@ -453,6 +455,6 @@ def test_waiting_for_a_slot_held_by_another_consumer_times_out(repos: Repos, hom
     with other_consumer.experiment_slot(1) as held:
         assert held
         with pytest.raises(RetryableError, match="no experiment slot") as caught:
-            runner(request(repo), context(seconds=1.0))
+            runner(request(repo, test_command=["true"]), context(seconds=1.0))
         assert caught.value.code == "experiment_slots_busy"
     assert mine.show_experiment("exp-1") is None
