@@ -240,6 +240,8 @@ def admin_parser() -> argparse.ArgumentParser:
     exps_list.add_argument("--json", action="store_true")
     exps_show = exps.add_parser("show")
     exps_show.add_argument("experiment_id")
+    exps_show.add_argument("--output", action="store_true",
+                           help="also print each run's output tail (sensitive: whatever the tested code printed)")
     sandbox = sub.add_parser("sandbox", help="experiment sandboxes").add_subparsers(
         dest="sandbox_command", required=True)
     cleanup = sandbox.add_parser("cleanup", help="remove sandboxes older than the maximum age")
@@ -320,7 +322,7 @@ def _admin(app: App, args: argparse.Namespace, body: Any) -> int:
             f"{r['experiment_id']}\t{r['status']}\t{r.get('recommendation') or '-'}"
             f"\t{r['started_at']:%Y-%m-%d %H:%M:%S}\t{r['description']}" for r in rows) or "(no experiments)")
     elif args.command == "experiments" and args.experiments_command == "show":
-        found = app.experiments.show_experiment(args.experiment_id)
+        found = app.experiments.show_experiment(args.experiment_id, output=args.output)
         if found is None:
             raise ConfigurationError(f"no experiment {args.experiment_id!r}")
         print(json.dumps(redact(found), indent=2, default=str))

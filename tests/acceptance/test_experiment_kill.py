@@ -35,9 +35,20 @@ def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
 
 
-def sandbox_processes() -> list[str]:
+def sandbox_processes(home: Path) -> list[str]:
+    """The sandboxed processes of this test's own experiments: in the uid pool, with the copy (or
+    its scratch) under `home` mounted as their /sandbox. Other runs on the machine share the pool."""
     ps = subprocess.run(["ps", "-eo", "uid=,pid=,args="], capture_output=True, text=True, check=True).stdout
-    return [line for line in ps.splitlines() if line.split() and int(line.split()[0]) in SANDBOX_UIDS]
+    found = []
+    for line in ps.splitlines():
+        if line.split() and int(line.split()[0]) in SANDBOX_UIDS:
+            try:
+                mounts = Path(f"/proc/{line.split()[1]}/mountinfo").read_text()
+            except OSError:
+                continue
+            if str(home) in mounts:
+                found.append(line)
+    return found
 
 
 @pytest.fixture
@@ -66,11 +77,11 @@ def test_a_consumer_killed_mid_experiment(db_dsn: str, genesis_home: Path, slow_
     sql(db_dsn, "SELECT pgmq.send(%s, %s::jsonb)", (QUEUE, json.dumps(request)))
 
     victim = background(BIN / "genesis-consume", "--queues", QUEUE, "--poll-interval-ms", "100", env=env)
-    wait_until(lambda: sandbox_processes(), timeout=60, interval=0.1, what="the baseline test run to start")
+    wait_until(lambda: sandbox_processes(genesis_home), timeout=60, interval=0.1, what="the baseline test run to start")
     assert sql(db_dsn, "SELECT status FROM genesis.experiments")[0]["status"] == "running"
     victim.kill()
 
-    wait_until(lambda: not sandbox_processes(), timeout=10, what="the sandbox to die with its consumer")
+    wait_until(lambda: not sandbox_processes(genesis_home), timeout=10, what="the sandbox to die with its consumer")
     assert git(slow_repo, "rev-parse", "HEAD") == head and git(slow_repo, "status", "--porcelain") == status
     assert sql(db_dsn, f"SELECT count(*) AS n FROM pgmq.q_{RESULTS}")[0]["n"] == 0
 
@@ -86,7 +97,9 @@ def test_a_consumer_killed_mid_experiment(db_dsn: str, genesis_home: Path, slow_
     [experiment] = sql(db_dsn, "SELECT status, attempts FROM genesis.experiments WHERE experiment_id = 'exp-kill'")
     assert experiment == {"status": "success", "attempts": 2}
     assert git(slow_repo, "rev-parse", "HEAD") == head and git(slow_repo, "status", "--porcelain") == status
-    assert not sandbox_processes()
+    assert not sandbox_processes(genesis_home)
+    # the killed run's scratch (a tmpfs over the copy) was unmounted by the attempt that replaced it
+    assert not [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(genesis_home) in line]
     events = [r["event"] for r in sql(db_dsn, "SELECT event FROM genesis.sandbox_events "
                                               "WHERE experiment_id = 'exp-kill' ORDER BY id")]
     assert events == ["created", "cleaned_up", "created"]   # the killed attempt's copy, reaped on record
