@@ -6,7 +6,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps run test test-unit bench lint clean
+.PHONY: help install system-deps run test test-unit bench soak lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test-unit: install system-deps ## only the tests that need no database and no sa
 
 bench: install ## measure throughput: raw pgmq pipeline vs the consumer, in one run
 	$(BIN)/python -m benchmarks.throughput $(ARGS)
+
+soak: install ## minutes of random kills, restarts and network faults (not CI); prints throughput, retries, memory; ARGS="--minutes 10"
+	$(BIN)/python -m benchmarks.soak $(ARGS)
 
 lint: install ## ruff, mypy and the import layers contract
 	$(BIN)/ruff check genesis_pgflow tests benchmarks
