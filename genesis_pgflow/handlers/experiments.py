@@ -5,7 +5,9 @@ One experiment, start to end:
 0. admit: `repo` must be allowed by GENESIS_REPO_ALLOW (checked before anything of it is read),
    the experiment_id must not belong to another instance_id (experiment_id_taken), and no other
    consumer may be running it (an advisory lock held for the whole experiment; experiment_busy,
-   retried later, when it is); the producer's oldest kept copies go first when it is over its caps;
+   retried later, when it is); the producer's oldest kept copies go first when it is over its caps.
+   A re-send of an id by the instance that owns it is a new attempt: its copy is made afresh and
+   its record counts one more attempt;
 1. isolate: fetch `repo` at `base_ref` into <home>/sandboxes/<experiment_id>/ (workspace.py), at
    most GENESIS_EXPERIMENT_MAX_COPY_MB;
 2. baseline: run the test suite there, in the sandbox (sandbox.py), per-test outcomes from the runner's
