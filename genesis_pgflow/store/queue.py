@@ -84,6 +84,12 @@ def _final_runs(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
     } for o in outcomes]
 
 
+def _server_away(exc: StoreError) -> bool:
+    """The database could not be reached or the connection broke: no message is to blame."""
+    state = exc.sqlstate
+    return isinstance(exc, psycopg.OperationalError) and (state is None or state.startswith(("08", "57P")))
+
+
 def _message_fault(exc: StoreError) -> bool:
     """Whether the server refused to read one message because of what the message is (data,
     size, memory, time) rather than because it is away."""
@@ -121,7 +127,8 @@ class PgQueueStore:
         try:
             rows = self.db.run(lambda conn: conn.execute(sql("read_batch"), params).fetchall())
         except StoreError as exc:
-            # An outage fails the bare lease below as well, and is raised from there.
+            if _server_away(exc):
+                raise
             log.warning("reading a batch of %s failed (%s); reading its messages one by one", queue, _first_line(exc))
             return self._read_one_by_one(queue, params)
         return [self._take_in(queue, r, r) for r in rows]

@@ -234,3 +234,14 @@ def test_echoed_identifiers_and_types_stay_bounded():
     t0 = dt.datetime(2026, 11, 21, 10, 0, tzinfo=dt.timezone.utc)
     assert ReadMessage("q", 1, 1, t0, {"type": "t" * 129}).type is None
     assert ReadMessage("q", 1, 1, t0, {"type": "genesis_rule_update"}).type == "genesis_rule_update"
+
+
+def test_a_body_too_large_to_fetch_echoes_the_short_identifiers_the_database_picked_out():
+    t0 = dt.datetime(2026, 11, 21, 10, 0, tzinfo=dt.timezone.utc)
+    unread = take_in("q", 1, 1, t0, body=None, body_bytes=60 * 1024 * 1024, limits=LIMITS,
+                     identifiers=json.dumps({"rule_id": "big-1", "id": "x" * 300, "namespace": "ns"}))
+    assert unread.problem is not None and unread.problem.details == {
+        "rule_id": "big-1", "namespace": "ns", "field": "payload", "size_bytes": 60 * 1024 * 1024,
+        "limit_bytes": 2 * 1024 * 1024}
+    broken = take_in("q", 2, 1, t0, body=None, body_bytes=10**8, limits=LIMITS, identifiers="[" * 100)
+    assert broken.problem is not None and broken.problem.code == "payload_too_large"
