@@ -285,6 +285,16 @@ def exunit_argv(elixir: str, script: str) -> list[str]:
     return [elixir, "-r", str(EXUNIT_FORMATTER), script]
 
 
+def mix_test_argv(elixir: str, args: Sequence[str]) -> list[str]:
+    """`mix test` in a VM that required our formatter first, with ExUnit's own output for people.
+    Hex is offline and the project's dependencies come from its deps/ (no network in the sandbox)."""
+    return [elixir, "-r", str(EXUNIT_FORMATTER), "-S", "mix", "test", "--formatter", "ExUnit.CLIFormatter",
+            "--formatter", "GenesisPgflow.ExUnitFormatter", *args]
+
+
+MIX_ENV = {"MIX_ENV": "test", "HEX_OFFLINE": "1", "MIX_HOME": f"{SANDBOX_DIR}/.mix", "HEX_HOME": f"{SANDBOX_DIR}/.hex"}
+
+
 # --- one run of a repository's suite (experiments) --------------------------------------------
 
 
@@ -341,10 +351,12 @@ class SuiteCommand:
 
 
 def suite_command(test_command: Sequence[str] | None, selection: Sequence[str], *, python: str,
-                  python_path: Sequence[Path], channel: ReportChannel, node: str = "/usr/bin/node") -> SuiteCommand:
+                  python_path: Sequence[Path], channel: ReportChannel, node: str = "/usr/bin/node",
+                  elixir: str = "/usr/bin/elixir") -> SuiteCommand:
     """pytest (`pytest ...`, `py.test ...`, `python -m pytest ...`): our plugin, with the risk
-    level's selection; `node --test ...`: our reporter; anything else as given (`python ...` with
-    the sandbox's interpreter), counted from the JUnit file it may write, else its exit status."""
+    level's selection; `node --test ...`: our reporter; `mix test ...`: our formatter; anything
+    else as given (`python ...` with the sandbox's interpreter), counted from the JUnit file it may
+    write, else its exit status."""
     argv = list(test_command or ["pytest"])
     pytest_args: list[str] | None = None
     if argv[0] in ("pytest", "py.test") or os.path.basename(argv[0]) in ("pytest", "py.test"):
@@ -355,8 +367,12 @@ def suite_command(test_command: Sequence[str] | None, selection: Sequence[str], 
         args = ["-q", "-p", "no:cacheprovider", *pytest_args, *selection]
         return SuiteCommand(pytest_argv(python, args, channel, python_path), "pytest-plugin",
                             (REPORTERS_DIR, *python_path), pytest=True)
+    if os.path.basename(argv[0]) == "mix" and argv[1:2] == ["test"]:
+        return SuiteCommand(mix_test_argv(elixir, _without_option(argv[2:], "--formatter")), "exunit-formatter",
+                            (REPORTERS_DIR,))
     if os.path.basename(argv[0]) == "node" and "--test" in argv[1:]:
-        rest = [a for a in argv[1:] if a != "--test" and not a.startswith("--test-reporter")]
+        rest = _without_option(_without_option([a for a in argv[1:] if a != "--test"], "--test-reporter"),
+                               "--test-reporter-destination")
         return SuiteCommand(node_argv(node, rest), "node-reporter", (REPORTERS_DIR,))
     if argv[0] in ("python", "python3"):
         argv = [python, *argv[1:]]
@@ -372,6 +388,8 @@ def run_tests(sandbox: Sandbox, test_command: Sequence[str] | None, selection: S
     with ReportChannel() as channel:
         suite = suite_command(test_command, selection, python=python, python_path=python_path, channel=channel)
         variables = {"CI": "true", "PYTHONDONTWRITEBYTECODE": "1", **junit_env(), **channel.env, **(env or {})}
+        if suite.counted_by == "exunit-formatter":
+            variables = {**MIX_ENV, **variables}
         if python_path:
             variables["PYTHONPATH"] = os.pathsep.join(str(p) for p in python_path)
         result = sandbox.run(suite.argv, writable=root, env=variables, ro_paths=suite.ro_paths, limits=limits,
@@ -379,6 +397,20 @@ def run_tests(sandbox: Sandbox, test_command: Sequence[str] | None, selection: S
     verdict = command_verdict(suite, channel, result, root / JUNIT_FILE, " ".join(test_command or ["pytest"]))
     return TestRun(dict(verdict.outcomes), suite.argv, result, verdict.measured, verdict.counted_by,
                    verdict.problems, verdict.rewritten)
+
+
+def _without_option(args: Sequence[str], option: str) -> list[str]:
+    """args less `option VALUE` and `option=VALUE` (the reporters are ours to choose)."""
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
 
 
 def command_verdict(suite: SuiteCommand, channel: ReportChannel, result: SandboxResult, report: Path,

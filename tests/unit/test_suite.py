@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from genesis_pgflow.suite import (
+    EXUNIT_FORMATTER,
     NODE_REPORTER,
     PYTEST_PLUGIN,
     REPORTERS_DIR,
@@ -147,6 +148,13 @@ def test_commands_per_runner() -> None:
                              python_path=[], channel=channel)
         assert node.counted_by == "node-reporter" and f"--test-reporter={NODE_REPORTER}" in node.argv
         assert "--test-reporter=dot" not in node.argv and node.argv[-1] == "test/"
+        node = suite_command(["node", "--test", "--test-reporter", "spec", "--test-reporter-destination", "/x", "t/"],
+                             [], python="/p", python_path=[], channel=channel)
+        assert "spec" not in node.argv and "/x" not in node.argv and node.argv[-1] == "t/"
+        mix = suite_command(["mix", "test", "--formatter", "Other", "test/a_test.exs"], [], python="/p",
+                            python_path=[], channel=channel)
+        assert mix.counted_by == "exunit-formatter" and "Other" not in mix.argv
+        assert mix.argv[:3] == ["/usr/bin/elixir", "-r", str(EXUNIT_FORMATTER)] and mix.argv[-1] == "test/a_test.exs"
         other = suite_command(["python", "run_tests.py"], ["ignored"], python="/usr/bin/python3", python_path=[],
                               channel=channel)
         assert other.argv == ["/usr/bin/python3", "run_tests.py"] and other.counted_by == "junit"

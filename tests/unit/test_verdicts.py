@@ -19,7 +19,7 @@ from genesis_pgflow.messages import ExperimentRequest, parse_payload
 from genesis_pgflow.sandbox import Limits, Sandbox
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.experiments import MemoryExperimentRecords
-from genesis_pgflow.suite import REPORTERS_DIR, ReportChannel, Verdict, pytest_argv
+from genesis_pgflow.suite import REPORTERS_DIR, ReportChannel, TestRun, Verdict, pytest_argv, run_tests
 
 from .gitrepos import git, make_repo
 
@@ -360,3 +360,54 @@ def test_decide_caps_a_flagged_change_at_merge_with_review() -> None:
     flagged = decide(clean, risk_level="low", threshold=0.05, flags=["test_config_changed"])
     assert (flagged.status, flagged.recommendation) == ("success", "merge_with_review")
     assert "test_config_changed" in flagged.reason
+
+
+# --- whole repositories: mix test and node --test ---------------------------------------------
+
+MIX_PROJECT = {
+    "mix.exs": 'defmodule Calc.MixProject do\n  use Mix.Project\n'
+               '  def project, do: [app: :calc, version: "0.1.0", elixir: "~> 1.14", deps: []]\nend\n',
+    "lib/calc.ex": "defmodule Calc do\n  def add(a, b), do: a + b\nend\n",
+    "test/test_helper.exs": "ExUnit.start()\n",
+    "test/calc_test.exs": 'defmodule CalcTest do\n  use ExUnit.Case\n'
+                          '  test "adds", do: assert Calc.add(1, 2) == 3\n'
+                          '  test "wrong", do: assert Calc.add(1, 2) == 4\nend\n',
+}
+
+
+def tree(root: Path, files: dict[str, str]) -> Path:
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content)
+    return root
+
+
+def suite_run(root: Path, command: list[str]) -> TestRun:
+    limits = Limits(wall_s=120, cpu_s=120)
+    return run_tests(Sandbox(limits), command, [], root=root, python="/usr/bin/python3", python_path=[],
+                     limits=limits, timeout_s=120)
+
+
+def test_mix_test_is_counted_by_our_formatter(tmp_path: Path) -> None:
+    run = suite_run(tree(tmp_path / "calc", MIX_PROJECT), ["mix", "test"])
+    assert (run.counted_by, run.measured) == ("exunit-formatter", True)
+    assert run.outcomes == {"CalcTest::test adds": "passed", "CalcTest::test wrong": "failed"}
+    assert "2 tests, 1 failure" in run.result.stdout
+
+
+def test_mix_test_printing_its_summary_and_halting_counts_no_pass(tmp_path: Path) -> None:
+    halting = MIX_PROJECT["test/calc_test.exs"].replace(
+        'test "wrong", do: assert Calc.add(1, 2) == 4',
+        'test "wrong" do\n    IO.puts("2 tests, 0 failures")\n    System.halt(0)\n  end')
+    run = suite_run(tree(tmp_path / "calc", {**MIX_PROJECT, "test/calc_test.exs": halting}), ["mix", "test"])
+    assert run.result.returncode == 0 and "2 tests, 0 failures" in run.result.stdout
+    assert not run.measured and "no end marker" in " ".join(run.problems)
+
+
+def test_node_test_over_a_repository_is_counted_by_our_reporter(tmp_path: Path) -> None:
+    files = {"test/calc.test.js": 'const test = require("node:test");\nconst assert = require("node:assert");\n'
+                                  'test("adds", () => assert.equal(1 + 2, 3));\n'
+                                  'test("wrong", () => { console.log("# pass 25"); assert.equal(1 + 2, 4); });\n'}
+    run = suite_run(tree(tmp_path / "calc", files), ["node", "--test"])
+    assert (run.counted_by, run.measured) == ("node-reporter", True)
+    assert run.outcomes == {"test/calc.test.js::adds": "passed", "test/calc.test.js::wrong": "failed"}
