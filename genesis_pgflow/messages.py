@@ -179,6 +179,9 @@ PAYLOAD_TYPES = {kind for kind, _results in QUEUES.values()}
 ID_FIELDS = ("id", "experiment_id", "instance_id", "rule_id", "namespace", "provider", "complexity")
 
 
+MAX_REPORTED_PROBLEMS = 20
+
+
 def _describe(error: Any) -> str:
     loc = ".".join(str(part) for part in error["loc"] if part not in PAYLOAD_TYPES) or "payload"
     message = error["msg"]
@@ -218,9 +221,13 @@ def parse_payload(raw: Any) -> Payload:
     try:
         return _PAYLOAD.validate_python(raw)
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors(include_url=False, include_input=False)]
-        fields = [".".join(str(p) for p in e["loc"] if p not in PAYLOAD_TYPES) for e in exc.errors()]
-        raise InvalidPayload("; ".join(problems),
+        # the first few problems only: a list of a million bad items must not make a result of megabytes
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        shown = errors[:MAX_REPORTED_PROBLEMS]
+        problems = [_describe(e) for e in shown]
+        fields = [".".join(str(p) for p in e["loc"] if p not in PAYLOAD_TYPES) for e in shown]
+        more = f"; and {len(errors) - len(shown)} more problem(s)" if len(errors) > len(shown) else ""
+        raise InvalidPayload("; ".join(problems) + more,
                              details={"fields": fields, "errors": problems, **identifiers}) from None
 
 

@@ -245,3 +245,12 @@ def test_a_body_too_large_to_fetch_echoes_the_short_identifiers_the_database_pic
         "limit_bytes": 2 * 1024 * 1024}
     broken = take_in("q", 2, 1, t0, body=None, body_bytes=10**8, limits=LIMITS, identifiers="[" * 100)
     assert broken.problem is not None and broken.problem.code == "payload_too_large"
+
+
+def test_a_payload_with_many_bad_items_reports_the_first_few_problems_only():
+    with pytest.raises(InvalidPayload) as info:
+        parse_payload({"type": "genesis_llm_config_update", "provider": "p", "complexity": "simple",
+                       "models": [""] * 10_000})
+    assert len(info.value.details["errors"]) == len(info.value.details["fields"]) == 20
+    assert info.value.details["fields"][0] == "models.0"
+    assert info.value.message.endswith("; and 9980 more problem(s)") and len(info.value.message) < 2_000
