@@ -77,6 +77,7 @@ class Reporter:
         self.message = ""
         self.tests = 0
         self.tampered: list[str] = []
+        self.hooks: Any = None
         import _pytest.python
         import _pytest.runner
         import pluggy
@@ -94,10 +95,15 @@ class Reporter:
         self._originals = {name: _attribute(*where) for name, where in self._watched.items()}
         self._pluggy = pluggy
 
-    def _check_integrity(self) -> None:
-        for name, where in self._watched.items():
-            if _attribute(*where) is not self._originals[name] and name not in self.tampered:
-                self.tampered.append(name)
+    def _check_integrity(self, item: Any = None) -> None:
+        found = [name for name, where in self._watched.items() if _attribute(*where) is not self._originals[name]]
+        if item is not None:
+            for phase in ("setup", "call", "teardown"):
+                wrappers = [impl for impl in getattr(item.ihook, f"pytest_runtest_{phase}").get_hookimpls()
+                            if impl.hookwrapper or getattr(impl, "wrapper", False)]
+                if wrappers and wrappers[0].plugin is not self.hooks:
+                    found.append(f"a pytest_runtest_{phase} wrapper inside the reporter's")
+        self.tampered += [name for name in found if name not in self.tampered]
 
     # -- per test ------------------------------------------------------------------------------
 
@@ -105,8 +111,9 @@ class Reporter:
         self.begun = item.nodeid
         self.phases, self.finals, self.message = {}, {}, ""
         self.channel.emit("begin", {"id": item.nodeid})
+        self._check_integrity(item)
         yield
-        self._check_integrity()
+        self._check_integrity(item)
         raw = self._raw_outcome(item)
         final = _worst(self.finals.values()) if self.finals else "error"
         rewritten = _SEVERITY[final] < _SEVERITY[raw]
@@ -211,7 +218,19 @@ def _register_hooks(reporter: Reporter) -> Any:
         def pytest_sessionfinish(self, session: Any, exitstatus: Any) -> None:
             reporter.pytest_sessionfinish(session, exitstatus)
 
-    return Hooks()
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_collection_finish(self, session: Any) -> None:
+            # pluggy puts the last trylast wrapper registered innermost: a conftest's would sit
+            # inside ours and could swallow an exception before we see it. Registering again, once
+            # every conftest is in, puts ours back innermost (each test then checks it still is).
+            manager = session.config.pluginmanager
+            name = manager.get_name(self)
+            manager.unregister(self)
+            manager.register(self, name)
+
+    hooks = Hooks()
+    reporter.hooks = hooks
+    return hooks
 
 
 def _read_key(fd: int) -> bytes:

@@ -132,6 +132,45 @@ def test_a_conftest_rewriting_failures_to_passes_is_counted_as_failures(tools: T
     assert set(verdict.rewritten) == {"test_code.py::test_one", "test_code.py::test_two"}
 
 
+SWALLOWING_CONFTEST = code("""
+    import pytest
+
+    @pytest.hookimpl(hookwrapper=True, trylast=True)
+    def pytest_runtest_call(item):
+        outcome = yield
+        outcome.force_result(None)  # the test's exception never reaches pytest's report
+""")
+
+
+def test_a_conftest_wrapper_swallowing_exceptions_does_not_get_inside_the_reporter(tools: Toolchain) -> None:
+    tests = "def test_one():\n    assert False\n\ndef test_ok():\n    pass\n"
+    verdict, output = run_pytest(tools.sandbox, {"conftest.py": SWALLOWING_CONFTEST, "test_code.py": tests})
+    assert "2 passed" in output
+    assert verdict.measured and verdict.rewritten == ("test_code.py::test_one",)
+    assert verdict.outcomes == {"test_code.py::test_one": "failed", "test_code.py::test_ok": "passed"}
+
+
+def test_a_wrapper_registered_by_a_test_makes_the_run_unmeasurable(tools: Toolchain) -> None:
+    tests = code("""
+        import pytest
+
+        class Swallow:
+            @pytest.hookimpl(hookwrapper=True, trylast=True)
+            def pytest_runtest_call(self, item):
+                outcome = yield
+                outcome.force_result(None)
+
+        def test_registers(request):
+            request.config.pluginmanager.register(Swallow(), "swallow")
+
+        def test_one():
+            assert False
+    """)
+    verdict, output = run_pytest(tools.sandbox, {"test_code.py": tests})
+    assert "2 passed" in output and not verdict.measured
+    assert "wrapper inside the reporter" in verdict.problems[0]
+
+
 def test_pytest_outcomes_skips_and_expected_failures(tools: Toolchain) -> None:
     tests = code("""
         import pytest
