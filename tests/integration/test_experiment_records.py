@@ -317,10 +317,10 @@ def test_the_output_tail_is_bounded_by_the_schema_too(db_dsn: str) -> None:
 def test_two_consumers_given_one_experiment_id(db_dsn: str, genesis_home: Path, tmp_path: Path) -> None:
     """Consumer A runs exp-1 (held in its baseline run); consumer B, given the same id meanwhile,
     fails at once with a retryable error and touches nothing; A finishes."""
-    from genesis_pgflow.handlers.experiments import ExperimentBusy, ExperimentRunner
-
     from unit.gitrepos import make_repo
     from unit.test_experiments import BASE_FILES, GatedSandbox, context, request
+
+    from genesis_pgflow.handlers.experiments import ExperimentBusy, ExperimentRunner
 
     repo = make_repo(tmp_path / "repos" / "repo", BASE_FILES)
     settings = Settings(home=genesis_home, repo_allow=str(tmp_path / "repos"))
