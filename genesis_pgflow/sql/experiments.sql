@@ -102,12 +102,12 @@ SELECT experiment_id, instance_id, status, started_at, finished_at
 FROM genesis.experiments WHERE experiment_id = ANY(%(ids)s::text[])
 
 -- name: experiment_try_lock
--- Take the session-level advisory lock of one experiment_id if no other consumer holds it.
-SELECT pg_try_advisory_lock(hashtext('genesis.experiment'), hashtext(%(experiment_id)s)) AS locked
+-- Take the session-level advisory lock of one experiment_id if no other consumer holds it (a 64-bit key).
+SELECT pg_try_advisory_lock(hashtextextended('genesis.experiment:' || %(experiment_id)s, 0)) AS locked
 
 -- name: experiment_unlock
 -- Release the advisory lock of one experiment_id.
-SELECT pg_advisory_unlock(hashtext('genesis.experiment'), hashtext(%(experiment_id)s)) AS unlocked
+SELECT pg_advisory_unlock(hashtextextended('genesis.experiment:' || %(experiment_id)s, 0)) AS unlocked
 
 -- name: experiment_slot_try_lock
 -- Take one of the experiment slots (max_experiments_concurrent across every consumer) if it is free.
