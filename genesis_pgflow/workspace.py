@@ -447,8 +447,9 @@ class RepoAllow:
 
 
 class Workspace:
-    """One experiment's sandbox copy. `create()` clones; the methods change, commit, run-clean and
-    roll back the copy; nothing here ever writes to the original repository."""
+    """One experiment's sandbox copy. `create()` fetches it from an allowed source; the methods
+    change, commit, run-clean and roll back the copy, and `scratch()` is where a test run writes;
+    nothing here ever writes to the original repository."""
 
     def __init__(self, sandboxes_dir: Path, experiment_id: str):
         if not SANDBOX_ID.match(experiment_id):
