@@ -72,8 +72,9 @@ MOUNT, UMOUNT = "/usr/bin/mount", "/usr/bin/umount"
 GIT_DIRS = ".gitdirs"
 SCRATCH = ".scratch"
 URL_SCHEMES = ("file", "https", "ssh", "git")
-# what one entry of a copy's tree is charged against the copy's size cap (its inode, at least)
-ENTRY_BYTES = 512
+# What one entry of a copy's tree is charged against the copy's size cap: a block on disk, and it
+# bounds the entries a test run's scratch copies up as metadata (about 1 KiB of memory each).
+ENTRY_BYTES = 4096
 # The working tree's own mode: bwrap, root without CAP_DAC_OVERRIDE by then, must chdir into it
 # once it belongs to the sandbox's uid; its parent (0700) keeps every other user out.
 COPY_MODE = 0o711

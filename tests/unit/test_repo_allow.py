@@ -214,6 +214,12 @@ def test_a_copy_over_the_size_cap_is_refused_and_nothing_is_kept(allow: RepoAllo
         copy(allow, home, str(bomb), max_bytes=8 * 2**20)
     assert tree_size(home) == 0 and not (home / "sandboxes" / "exp-1").exists()
 
+    # empty files cost nothing in bytes but an inode (and a block) each: charged too
+    empties = make_repo(root / "empties", {f"e{i}": "" for i in range(300)})
+    with pytest.raises(RepositoryTooLarge):
+        copy(allow, home, str(empties), max_bytes=2**20)
+    assert tree_size(home) == 0
+
     small = copy(allow, home, str(make_repo(root / "small", {"a": "1"})), max_bytes=2**20)
     assert (small.path / "a").read_text() == "1"
 
