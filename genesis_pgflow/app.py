@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -70,7 +71,11 @@ class App:
             schema.upgrade(dsn)
         else:
             schema.require_current(dsn)
-        db = Database(dsn, max_size=max(4, settings.parallel + 2)).open()
+        # psycopg_pool warns once per connection it finds broken; the consumer's outage lines say it once
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+        db = Database(dsn, max_size=max(4, settings.parallel + 2), application_name=f"genesis:{os.getpid()}",
+                      connect_timeout_s=settings.connect_timeout_s,
+                      statement_timeout_s=settings.statement_timeout_s).open()
         return cls(settings, dsn, db, PgQueueStore(db, consumer_name(), settings.intake_limits), PgStateStore(db),
                    PgExperimentRecords(db))
 
@@ -86,9 +91,9 @@ class App:
         s = self.settings
         options = ConsumerOptions(queues=s.queues, parallel=s.parallel, batch_size=s.batch_size,
                                   poll_interval_s=s.poll_interval_ms / 1000.0, lease_s=s.lease_s,
-                                  drain=s.drain, shutdown_grace_s=s.shutdown_grace_s)
+                                  drain=s.drain, shutdown_grace_s=s.shutdown_grace_s, max_outage_s=s.max_outage_s)
         return Consumer(self.queues, self.dispatcher(), options,
-                        periodic=maintenance.scheduled_jobs(s, self.experiments))
+                        periodic=maintenance.scheduled_jobs(s, self.experiments), hurry=self.db.hurry)
 
     def close(self) -> None:
         self.queues.close()

@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from genesis_pgflow.dispatcher import Dispatcher, Task
+from genesis_pgflow.errors import DatabaseUnavailable
 from genesis_pgflow.handlers.base import WorkContext
 from genesis_pgflow.messages import QUEUES, Outcome, ReadMessage
-from genesis_pgflow.store.database import StoreError, is_transient
+from genesis_pgflow.store.database import StoreError, first_line, is_transient
 from genesis_pgflow.store.queue import QueueStore
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,10 @@ class WorkerPool:
             job = self._jobs.get()
             if job is None:
                 return
-            self._run(job)
+            try:
+                self._run(job)
+            finally:
+                job.returned.set()
             self.done.put(job)
             self._on_done()
 
@@ -62,6 +66,7 @@ class Job:
     finished_at: float | None = None
     outcome: Outcome | None = None          # None: cancelled before it started
     error: BaseException | None = None      # what the dispatcher itself raised, if anything
+    returned: threading.Event = field(default_factory=threading.Event)   # its worker is done with it
 
     @property
     def key(self) -> tuple[str, int]:
@@ -84,6 +89,13 @@ class ConsumerOptions:
     prefetch_horizon_s: float = 0.5
     # how often the loop logs what it did since the last report (0: never)
     report_every_s: float = 60.0
+    # how long the database may stay away (unreachable or refusing) before the consumer gives up
+    max_outage_s: float = 300.0
+    # how often an outage is summed up in the log while it lasts
+    outage_report_every_s: float = 60.0
+    # at shutdown, how long cancelled work gets to return (its sandboxes killed) before its
+    # messages are given back
+    give_back_wait_s: float = 10.0
 
 
 @dataclass
@@ -96,13 +108,91 @@ class Stats:
 PeriodicJob = tuple[str, float, Callable[[], object]]
 LISTEN_SLICE_S = 0.5
 DEADLINE_SCAN_S = 0.02      # how often running jobs are checked against their deadlines
+STOP_CALL_CAP_S = 5.0       # once stopping, no database call may last longer
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """first_s * 2**(n-1) after the n-th failure in a row, capped, times a random factor in
+    [0.5, 1). The cap is short on purpose: a failed attempt costs one connection attempt, and the
+    first message after the database is back should not wait out a long sleep."""
+
+    first_s: float = 0.1
+    max_s: float = 1.0
+
+    def delay(self, failures: int, rand: float) -> float:
+        return min(self.max_s, self.first_s * 2 ** max(0, min(failures, 30) - 1)) * (0.5 + rand / 2)
+
+
+class Outage:
+    """The database's absence as the consumer sees it (shared by the loop and the LISTEN thread):
+    since when, how many failed attempts, the last error. It logs one line when the database goes,
+    one summary per report period while it stays away and one when it is back, and ends the
+    consumer (DatabaseUnavailable, exit 2) once the outage outlasts its budget."""
+
+    def __init__(self, max_outage_s: float, *, monotonic: Callable[[], float] = time.monotonic,
+                 rand: Callable[[], float] = random.random, report_every_s: float = 60.0,
+                 backoff: Backoff = Backoff()):
+        self.max_outage_s = max_outage_s
+        self.monotonic = monotonic
+        self.rand = rand
+        self.report_every_s = report_every_s
+        self.backoff = backoff
+        self.since: float | None = None
+        self.attempts = 0           # failed attempts in this outage
+        self.last_error = ""
+        self.count = 0              # outages since the start
+        self._next_report = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, exc: BaseException, *, budget: bool = True) -> float:
+        """A failed attempt: how long to wait before the next one. Raises DatabaseUnavailable
+        past the budget (unless budget is False: shutting down anyway)."""
+        now = self.monotonic()
+        with self._lock:
+            self.last_error = first_line(exc)
+            if self.since is None:
+                self.since, self.attempts, self._next_report = now, 0, now + self.report_every_s
+                self.count += 1
+                log.warning("database unavailable (%s); retrying quietly, giving up after %.0f s",
+                            self.last_error, self.max_outage_s)
+            elif now >= self._next_report:
+                self._next_report = now + self.report_every_s
+                log.warning("database still unavailable after %.0f s: %d failed attempt(s), last error: %s",
+                            now - self.since, self.attempts + 1, self.last_error)
+            self.attempts += 1
+            gone = now - self.since
+            if budget and gone >= self.max_outage_s:
+                raise DatabaseUnavailable(f"database unreachable for {gone:.0f} s "
+                                          f"(last error: {self.last_error}); giving up")
+            # the last attempt falls due when the budget does, not a backoff later
+            return min(self.backoff.delay(self.attempts, self.rand()), self.since + self.max_outage_s - now)
+
+    def recovered(self) -> None:
+        if self.since is None:
+            return
+        with self._lock:
+            if self.since is None:
+                return
+            log.info("database back after %.1f s (%d failed attempt(s))", self.monotonic() - self.since,
+                     self.attempts)
+            self.since, self.attempts = None, 0
 
 
 class Consumer:
     def __init__(self, store: QueueStore, dispatcher: Dispatcher, options: ConsumerOptions, *,
                  monotonic: Callable[[], float] = time.monotonic, rand: Callable[[], float] = random.random,
-                 periodic: Sequence[PeriodicJob] = ()):
+                 periodic: Sequence[PeriodicJob] = (), hurry: Callable[[float], None] | None = None):
         self.store = store
+        # called with STOP_CALL_CAP_S on stop(): the database layer then cuts any call that would
+        # keep shutdown waiting on a silent server
+        self.hurry = hurry
+        self.outage = Outage(options.max_outage_s, monotonic=monotonic, rand=rand,
+                             report_every_s=options.outage_report_every_s)
         self.dispatcher = dispatcher
         self.options = options
         self.monotonic = monotonic
@@ -288,11 +378,17 @@ class Consumer:
         Batching without hoarding: fetch() reads only when a reasonable batch fits, and finished
         outcomes linger up to flush_after_s so that several share one transaction."""
         fetched = 0
+        failure: StoreError | None = None
         if not self.stopping.is_set():
-            fetched = self.fetch()
+            try:
+                fetched = self.fetch()
+            except StoreError as exc:
+                failure = exc      # raised after collect(): deadlines are kept during an outage too
         # Clear before looking, so a job finishing after the look wakes the wait below.
         self.wakeup.clear()
         self.collect()
+        if failure is not None:
+            raise failure
         if wait_s > 0 and (self.running or self.overrun) and not self._flush_due():
             self.wakeup.wait(min(wait_s, self._until_next_deadline()))
             self.collect()
@@ -320,39 +416,48 @@ class Consumer:
     def poll_wait_s(self) -> float:
         return self.options.poll_interval_s * (0.8 + 0.4 * self.rand())
 
+    def turn(self) -> float | None:
+        """One turn of run(): an iteration, or after a database failure the outage's bookkeeping.
+        Returns how long to wait before the next turn (None: drained, stop)."""
+        try:
+            fetched = self.run_once(wait_s=0.0 if self.outage.down else self.poll_wait_s())
+            drained = (self.options.drain and fetched == 0 and self.idle()
+                       and self.store.depth(self.options.queues) == 0)
+        except StoreError as exc:  # the store already retried briefly; keep state, back off
+            if not is_transient(exc):
+                raise              # a bug, not an outage: exit 1 rather than retry forever
+            self.stats.store_errors += 1
+            return self.outage.failed(exc)
+        self.outage.recovered()
+        self.report()
+        if drained:
+            log.info("drained: every queue is empty and nothing is in flight")
+            return None
+        return self.poll_wait_s() if fetched == 0 and self.idle() else 0.0
+
     def run(self) -> None:
-        """Until stop() (or, with drain, until every queue is empty); then shut down cleanly."""
+        """Until stop() (or, with drain, until every queue is empty); then shut down cleanly.
+        Raises DatabaseUnavailable once the database has been away for longer than max_outage_s."""
         self._listener = threading.Thread(target=self._listen, name="genesis-listen", daemon=True)
         self._listener.start()
         scheduler = threading.Thread(target=self._run_periodic, name="genesis-periodic", daemon=True)
         if self.periodic:
             scheduler.start()
-        failures = 0
+        gave_up = False
         try:
             while not self.stopping.is_set():
                 self.last_iteration = self.monotonic()   # read by /healthz: the loop is alive
-                try:
-                    fetched = self.run_once(wait_s=self.poll_wait_s())
-                    failures = 0
-                    self.report()
-                except StoreError as exc:  # the store already retried briefly; keep state, back off
-                    if not is_transient(exc):
-                        raise              # a bug, not an outage: exit 1 rather than retry forever
-                    failures += 1
-                    self.stats.store_errors += 1
-                    delay = min(30.0, 0.5 * 2 ** min(failures, 6)) * (0.5 + self.rand() / 2)
-                    log.error("database unavailable (%s); retrying in %.1f s", str(exc).strip().splitlines()[0]
-                              if str(exc).strip() else type(exc).__name__, delay)
-                    self.stopping.wait(delay)
-                    continue
-                if fetched == 0 and self.idle():
-                    if self.options.drain and self.store.depth(self.options.queues) == 0:
-                        log.info("drained: every queue is empty and nothing is in flight")
-                        break
-                    if not self.stopping.is_set():     # a stop() during run_once was cleared with wakeup
-                        self.wakeup.wait(self.poll_wait_s())
+                pause = self.turn()
+                if pause is None:
+                    break
+                if pause > 0 and not self.stopping.is_set():   # a stop() during a turn was cleared with wakeup
+                    # during an outage a finished job must not cut the backoff short
+                    (self.stopping if self.outage.down else self.wakeup).wait(pause)
+        except DatabaseUnavailable:
+            gave_up = True
+            raise
         finally:
-            self.shutdown()
+            self.shutdown(grace=not gave_up)
 
     def report(self) -> None:
         """Every report_every_s, one log line of what was done since the last one."""
@@ -371,33 +476,108 @@ class Consumer:
         """Stop reading; in-flight work finishes (or is given back) in shutdown()."""
         self.stopping.set()
         self.wakeup.set()
+        if self.hurry is not None:
+            self.hurry(STOP_CALL_CAP_S)
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace: bool = True) -> None:
+        """Let in-flight work finish within the grace period, then cancel the rest, wait for it to
+        return (so a sandboxed process of a given-back run is dead before its message is visible
+        again) and give its messages back. The database being away costs no more than the grace."""
         self.stopping.set()
-        grace_end = self.monotonic() + self.options.shutdown_grace_s
+        grace_end = self.monotonic() + (self.options.shutdown_grace_s if grace else 0.0)
         try:
             while self.running and self.monotonic() < grace_end:
-                self.run_once(wait_s=min(0.5, max(0.0, grace_end - self.monotonic())))
+                wait_s = min(0.5, max(0.0, grace_end - self.monotonic()))
+                if self.outage.down:        # nothing to write meanwhile: just wait for the work
+                    self.wakeup.clear()
+                    self.collect()
+                    if self.running:
+                        self.wakeup.wait(min(wait_s, self._until_next_deadline()))
+                    continue
+                try:
+                    self.run_once(wait_s=wait_s)
+                except StoreError as exc:
+                    if not is_transient(exc):
+                        raise
+                    self.outage.failed(exc, budget=False)
             self.collect()
-            self.complete()
-            given_back: dict[str, list[int]] = defaultdict(list)
-            for job in self.running.values():
-                job.ctx.cancelled.set()
-                given_back[job.task.message.queue].append(job.task.message.msg_id)
-            for queue_name, ids in given_back.items():
-                log.warning("giving back %d unfinished message(s) of %s", len(ids), queue_name)
-                self.store.release(queue_name, ids)
-            self.running.clear()
+            returned = self._cancel_unfinished()
+            self._write_back(returned)
         finally:
             self.pool.stop()
             if self._listener is not None:
                 self._listener.join(LISTEN_SLICE_S + 5)
 
+    def _cancel_unfinished(self) -> dict[str, list[int]]:
+        """Cancel every job still running (and wait, bounded, for the ones that overran): returns
+        the messages of the cancelled jobs whose threads have returned, by queue. What a cancelled
+        job returns is discarded: it is given back, not answered."""
+        unfinished = list(self.running.values())
+        waited = unfinished + list(self.overrun)
+        for job in waited:
+            job.ctx.cancelled.set()
+        # real time: these are threads (and their sandboxes) coming back, whatever clock the loop uses
+        until = time.monotonic() + self.options.give_back_wait_s
+        for job in waited:
+            job.returned.wait(max(0.0, until - time.monotonic()))
+        returned: dict[str, list[int]] = defaultdict(list)
+        stuck = 0
+        for job in unfinished:
+            del self.running[job.key]
+            if job.returned.is_set():
+                returned[job.task.message.queue].append(job.task.message.msg_id)
+            else:
+                stuck += 1
+        if stuck:
+            log.warning("%d handler(s) did not return within %.0f s of being cancelled; their messages are "
+                        "not given back (they come back when their lease expires)", stuck,
+                        self.options.give_back_wait_s)
+        self.collect()      # discards what the cancelled jobs returned
+        return returned
+
+    def _write_back(self, returned: dict[str, list[int]]) -> None:
+        """The outcomes still held, and the given-back messages, written once if the database is there."""
+        pending = len(self.finals) + len(self.retries)
+        given_back = sum(len(ids) for ids in returned.values())
+        if self.outage.down:
+            if pending or given_back:
+                log.warning("database unavailable at shutdown: %d outcome(s) not stored, %d message(s) not "
+                            "given back; they come back when their lease expires", pending, given_back)
+            return
+        try:
+            self.complete()
+            for queue_name, ids in returned.items():
+                log.warning("giving back %d unfinished message(s) of %s", len(ids), queue_name)
+                self.store.release(queue_name, ids)
+        except StoreError as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("database unavailable at shutdown (%s): %d outcome(s) not stored, %d message(s) not "
+                        "given back; they come back when their lease expires", first_line(exc),
+                        len(self.finals) + len(self.retries), given_back)
+
     def _listen(self) -> None:
+        """Wake the loop on NOTIFY. While the database is away the loop's own attempts tell when
+        it is back; a LISTEN connection lost meanwhile backs off like the loop, quietly."""
+        failures = 0
         while not self.stopping.is_set():
-            # short slices, so that stop() is noticed at once whatever the poll interval
-            if self.store.wait_for_messages(self.options.queues,
-                                            timeout_s=min(self.options.poll_interval_s, LISTEN_SLICE_S)):
+            if self.outage.down:
+                self.stopping.wait(LISTEN_SLICE_S)
+                continue
+            try:
+                # short slices, so that stop() is noticed at once whatever the poll interval
+                woke = self.store.wait_for_messages(self.options.queues,
+                                                    timeout_s=min(self.options.poll_interval_s, LISTEN_SLICE_S))
+            except Exception as exc:  # noqa: BLE001 - polling is the fallback; the loop reports outages
+                failures += 1
+                if failures == 1:
+                    log.info("LISTEN connection lost (%s); polling until it is back", first_line(exc))
+                self.stopping.wait(self.outage.backoff.delay(failures, self.rand()))
+                continue
+            if failures:
+                log.info("LISTEN connection back after %d failed attempt(s)", failures)
+                failures = 0
+            if woke:
                 self.wakeup.set()
 
     def _run_periodic(self) -> None:

@@ -63,6 +63,13 @@ class Settings(BaseModel):
     lease_s: int = Field(default=10, ge=1)
     # grace period for in-flight work at shutdown
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # how long the database may stay unreachable (or refuse writes) before the consumer exits 2
+    max_outage_s: float = Field(default=300.0, gt=0)
+    # server-side statement timeout of the consumer's own sessions; a call the server leaves
+    # unanswered for 5 s longer is cut by the client (a blackholed network)
+    statement_timeout_s: float = Field(default=30.0, gt=0)
+    # libpq connect_timeout of every connection (unless the DSN sets one)
+    connect_timeout_s: int = Field(default=5, ge=1)
 
     # RuleEngine
     min_rule_confidence: float = Field(default=0.85, ge=0, le=1)

@@ -83,6 +83,9 @@ class MemoryQueueStore:
     queues: dict[str, dict[int, _Stored]] = field(default_factory=dict)
     archives: dict[str, list[_Stored]] = field(default_factory=dict)
     runs: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    # when set, every call the consumer makes raises it: an outage (psycopg.OperationalError) or a
+    # refusal (e.g. psycopg.errors.ReadOnlySqlTransaction); producers' send() still works
+    failure: BaseException | None = None
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -95,7 +98,12 @@ class MemoryQueueStore:
     def _now_utc(self) -> dt.datetime:
         return dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=self.clock())
 
+    def _fail(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
     def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
+        self._fail()
         with self._lock:
             now = self.clock()
             visible = sorted((m for m in self.queues[queue].values() if m.vt <= now), key=lambda m: m.msg_id)[:qty]
@@ -109,6 +117,7 @@ class MemoryQueueStore:
             return out
 
     def complete(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
+        self._fail()
         with self._lock:
             applied = []
             for o in outcomes:
@@ -127,6 +136,7 @@ class MemoryQueueStore:
             return applied
 
     def retry(self, outcomes: Sequence[Outcome]) -> None:
+        self._fail()
         with self._lock:
             for o in outcomes:
                 stored = self.queues[o.message.queue].get(o.message.msg_id)
@@ -136,6 +146,7 @@ class MemoryQueueStore:
                         status="pending", error=o.error.as_json() if o.error else None)
 
     def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:
+        self._fail()
         with self._lock:
             kept = set()
             for msg_id in msg_ids:
@@ -145,13 +156,18 @@ class MemoryQueueStore:
             return kept
 
     def release(self, queue: str, msg_ids: Sequence[int]) -> None:
+        self._fail()
         with self._lock:
             for msg_id in msg_ids:
-                if msg_id in self.queues[queue]:
-                    self.queues[queue][msg_id].vt = self.clock()
-                    self.runs[(queue, msg_id)]["status"] = "pending"
+                stored = self.queues[queue].get(msg_id)
+                if stored is not None and stored.vt > self.clock():    # still leased: the read is uncounted
+                    stored.vt = self.clock()
+                    stored.read_ct = max(0, stored.read_ct - 1)
+                    run = self.runs[(queue, msg_id)]
+                    run.update(status="pending", attempts=max(0, run.get("attempts", 1) - 1))
 
     def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
+        self._fail()
         with self._arrived:
             return self._arrived.wait(min(timeout_s, 0.05))
 
@@ -166,6 +182,7 @@ class MemoryQueueStore:
         return msg_id
 
     def depth(self, queues: Sequence[str]) -> int:
+        self._fail()
         with self._lock:
             return sum(len(self.queues[q]) for q in queues)
 

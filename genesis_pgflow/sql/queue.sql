@@ -101,9 +101,15 @@ WHERE r.queue = %(queue)s AND r.msg_id = t.msg_id
 -- Push the visibility timeout of in-flight messages lease_s seconds ahead; returns the ids still held.
 SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(msg_ids)s::bigint[], %(lease_s)s)
 
+-- name: release_messages
+-- Give leased messages back without spending an attempt: visible at once, the read that leased them uncounted.
+UPDATE pgmq.{table} SET vt = clock_timestamp(), read_ct = greatest(read_ct - 1, 0)
+WHERE msg_id = ANY(%(msg_ids)s::bigint[]) AND vt > clock_timestamp()
+RETURNING msg_id
+
 -- name: release_runs
--- Mark given-back runs pending (their messages are visible again).
-UPDATE genesis.workflow_runs SET status = 'pending', updated_at = now()
+-- Mark given-back runs pending (their messages are visible again), the attempt uncounted.
+UPDATE genesis.workflow_runs SET status = 'pending', updated_at = now(), attempts = greatest(attempts - 1, 0)
 WHERE queue = %(queue)s AND msg_id = ANY(%(msg_ids)s::bigint[]) AND status = 'running'
 
 -- name: queue_metrics

@@ -24,13 +24,34 @@ SELECT queue_name FROM pgmq.meta
 -- Create one pgmq queue (idempotent inside pgmq).
 SELECT pgmq.create(%(queue)s)
 
--- name: notify_enabled_queues
--- Queues whose inserts already NOTIFY listeners.
+-- name: pgmq_notify_queues
+-- Queues with pgmq's own row-level insert notify (each insert updates one shared, unlogged throttle row).
 SELECT queue_name FROM pgmq.notify_insert_throttle
 
--- name: enable_notify
--- Make inserts into a queue NOTIFY `pgmq.q_<queue>.INSERT` (throttled).
-SELECT pgmq.enable_notify_insert(%(queue)s, %(throttle_ms)s)
+-- name: disable_pgmq_notify
+-- Drop pgmq's own insert notify of a queue (its trigger and its throttle row).
+SELECT pgmq.disable_notify_insert(%(queue)s)
+
+-- name: wakeup_function
+-- The wake-up trigger's function: NOTIFY `pgmq.q_<queue>.INSERT` once per inserting statement, with no state of its own.
+CREATE OR REPLACE FUNCTION genesis.notify_queue_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- the channel pgmq's own notify uses, so that listeners need not know which one fired
+    PERFORM pg_notify('pgmq.' || TG_TABLE_NAME || '.' || TG_OP, NULL);
+    RETURN NULL;
+END
+$$
+
+-- name: wakeup_queues
+-- Queues whose table has the wake-up trigger.
+SELECT substr(c.relname, 3) AS queue_name
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'pgmq' AND t.tgname = 'genesis_wakeup' AND NOT t.tgisinternal
+
+-- name: create_wakeup_trigger
+-- Make each statement inserting into a queue (one send or a send_batch of any size) wake its listeners once.
+CREATE TRIGGER genesis_wakeup AFTER INSERT ON pgmq.{table}
+FOR EACH STATEMENT EXECUTE FUNCTION genesis.notify_queue_insert()
 
 -- name: schema_version_table_exists
 -- Whether Alembic has ever run on the genesis schema.

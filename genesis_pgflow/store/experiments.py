@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-import psycopg
 from psycopg.types.json import Jsonb
 
 from genesis_pgflow.store.database import Conn, Database, one
@@ -241,7 +240,7 @@ class PgExperimentRecords:
         # A connection of its own, outside the pool, for as long as the experiment runs (up to
         # experiment_timeout_ms): the pool stays free for the consumer, and the slot goes with
         # the connection if this process dies.
-        with psycopg.connect(self.db.dsn, autocommit=True, connect_timeout=10) as conn:
+        with self.db.connect("experiment", autocommit=True) as conn:
             for slot in range(limit):
                 if one(conn.execute(sql("experiment_slot_try_lock"), {"slot": slot}))[0]:
                     try:
@@ -257,7 +256,7 @@ class PgExperimentRecords:
         # Session-level, on a connection of its own held for the whole experiment (like a slot):
         # the lock goes with the connection if this process dies, and a second consumer given the
         # same id meanwhile is told at once rather than made to wait.
-        with psycopg.connect(self.db.dsn, autocommit=True, connect_timeout=10) as conn:
+        with self.db.connect("experiment", autocommit=True) as conn:
             locked = bool(one(conn.execute(sql("experiment_try_lock"), {"experiment_id": experiment_id}))[0])
             try:
                 yield locked

@@ -51,10 +51,12 @@ class QueueStore(Protocol):
         """Push the leases of in-flight messages ahead; returns the ids still in the queue."""
 
     def release(self, queue: str, msg_ids: Sequence[int]) -> None:
-        """Give messages back: visible again at once, runs pending."""
+        """Give leased messages back (graceful shutdown): visible again at once, runs pending, and
+        the read that leased them not counted as an attempt."""
 
     def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
-        """Block until a message may have arrived in one of the queues, or timeout; True if woken."""
+        """Block until a message may have arrived in one of the queues, or timeout; True if woken.
+        Raises StoreError when it cannot listen (the caller backs off and polls meanwhile)."""
 
     def send(self, queue: str, body: Any) -> int:
         """Enqueue one message."""
@@ -115,6 +117,7 @@ class PgQueueStore:
         self.limits = limits or IntakeLimits()
         self._listener: psycopg.Connection | None = None
         self._listening: tuple[str, ...] = ()
+        self._listening_generation = 0
 
     # --- the hot path ---------------------------------------------------------------------
 
@@ -210,35 +213,37 @@ class PgQueueStore:
     def release(self, queue: str, msg_ids: Sequence[int]) -> None:
         if not msg_ids:
             return
-        params = {"queue": queue, "msg_ids": list(msg_ids), "lease_s": 0}
+        params = {"queue": queue, "msg_ids": list(msg_ids)}
 
         def tx(conn: Conn) -> None:
-            conn.execute(sql("extend_leases"), params)
+            conn.execute(_table("release_messages", f"q_{queue}"), params)
             conn.execute(sql("release_runs"), params)
         self.db.run(tx)
 
     # --- waking on NOTIFY -----------------------------------------------------------------
 
     def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
-        """LISTEN on pgmq's insert channels on a connection of its own; on any trouble the
-        caller's jittered polling is the fallback."""
+        """LISTEN on the insert channels (`pgmq.q_<queue>.INSERT`, see schema.py) on a connection
+        of its own, opened again whenever the pool has been dropped since."""
         try:
             listener = self._listen(tuple(queues))
             for _ in listener.notifies(timeout=max(timeout_s, 0.0), stop_after=1):
                 return True
             return False
-        except psycopg.Error as exc:
-            log.warning("LISTEN connection lost (%s); polling until it is back", exc)
+        except psycopg.Error:
             self._close_listener()
-            return False
+            raise
 
     def _listen(self, queues: tuple[str, ...]) -> psycopg.Connection:
-        if self._listener is None or self._listener.closed or self._listening != queues:
+        if (self._listener is None or self._listener.closed or self._listening != queues
+                or self._listening_generation != self.db.generation):
             self._close_listener()
-            self._listener = psycopg.connect(self.db.dsn, autocommit=True, connect_timeout=5)
-            for queue in queues:
-                self._listener.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(f"pgmq.q_{queue}.INSERT")))
-            self._listening = queues
+            generation = self.db.generation
+            self._listener = self.db.connect("listen", autocommit=True)
+            with self.db.watchdog.watch(self._listener, self.db.call_timeout_s):
+                for queue in queues:
+                    self._listener.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(f"pgmq.q_{queue}.INSERT")))
+            self._listening, self._listening_generation = queues, generation
         return self._listener
 
     def _close_listener(self) -> None:

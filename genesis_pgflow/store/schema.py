@@ -1,4 +1,4 @@
-"""`genesis db upgrade`: pgmq present, every queue created, the genesis schema migrated to head."""
+"""`genesis db upgrade`: pgmq present, every queue created (request queues waking their consumers), schema at head."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from psycopg import sql as pgsql
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
@@ -21,7 +22,6 @@ from genesis_pgflow.store.queries import sql
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 UPGRADE_LOCK = "genesis_pgflow.upgrade"
-NOTIFY_THROTTLE_MS = 0
 
 
 @dataclass
@@ -76,12 +76,24 @@ def _ensure_queues(conn: psycopg.Connection) -> list[str]:
             with conn.transaction():
                 conn.execute(sql("create_queue"), {"queue": name})
             created.append(name)
-    notified = {row[0] for row in conn.execute(sql("notify_enabled_queues"))}
-    for name in REQUEST_QUEUES:
-        if name not in notified:
-            with conn.transaction():
-                conn.execute(sql("enable_notify"), {"queue": name, "throttle_ms": NOTIFY_THROTTLE_MS})
     return created
+
+
+def _ensure_wakeups(conn: psycopg.Connection) -> None:
+    """A statement-level trigger per request queue NOTIFYs its listeners. Not pgmq's own notify:
+    that updates one shared row per insert (concurrent producers wait on each other's open
+    transactions, a batch of N messages makes N updates) in an unlogged table that an immediate
+    restart empties, silently ending the wake-ups."""
+    with conn.transaction():
+        conn.execute(sql("wakeup_function"))
+    pgmq_notified = {row[0] for row in conn.execute(sql("pgmq_notify_queues"))}
+    woken = {row[0] for row in conn.execute(sql("wakeup_queues"))}
+    for name in REQUEST_QUEUES:
+        with conn.transaction():
+            if name in pgmq_notified:
+                conn.execute(sql("disable_pgmq_notify"), {"queue": name})
+            if name not in woken:
+                conn.execute(pgsql.SQL(sql("create_wakeup_trigger")).format(table=pgsql.Identifier(f"q_{name}")))
 
 
 def _migrate(dsn: str) -> None:
@@ -107,6 +119,7 @@ def upgrade(dsn: str) -> UpgradeReport:
             report.revision_before = _current_revision(conn)
             _migrate(dsn)
             report.revision_after = _current_revision(conn)
+            _ensure_wakeups(conn)
         finally:
             conn.execute(sql("advisory_unlock"), {"key": UPGRADE_LOCK})
     log.info("database upgraded: pgmq %s, %d queue(s) created, revision %s -> %s", report.pgmq,
@@ -127,6 +140,9 @@ def problems(dsn: str) -> list[str]:
         revision, head = _current_revision(conn), head_revision()
         if revision != head:
             found.append(f"genesis schema is at revision {revision or 'none'}, head is {head}")
+        unwoken = sorted(set(REQUEST_QUEUES) - {row[0] for row in conn.execute(sql("wakeup_queues"))})
+        if unwoken:
+            found.append(f"no wake-up trigger on: {', '.join(unwoken)}")
         return found
 
 

@@ -763,8 +763,8 @@ def test_stop_lets_in_flight_work_finish(harness: Harness) -> None:
 
 
 def test_stop_gives_back_work_that_outlives_the_grace_period(harness: Harness) -> None:
-    release = harness.gate()
-    stuck = ProbeHandler(lambda payload, ctx: (release.wait(20), None)[1])
+    # like a sandboxed run: it notices the cancel, kills its process group and returns
+    stuck = ProbeHandler(lambda payload, ctx: (ctx.cancelled.wait(20), None)[1])
     consumer = harness.consumer([stuck], shutdown_grace_s=0.3, lease_s=30)
     msg_id = send_sql(harness.dsn, RULES, rule(22))
     thread = harness.run_in_thread(consumer)
@@ -774,16 +774,16 @@ def test_stop_gives_back_work_that_outlives_the_grace_period(harness: Harness) -
     thread.join(timeout=15)
 
     assert not thread.is_alive()
-    assert stuck.contexts[0].cancelled.is_set()
+    assert stuck.contexts[0].cancelled.is_set() and stuck.returned.is_set()
     [queued] = in_queue(harness.dsn, RULES)
     assert queued["msg_id"] == msg_id and not queued["invisible"], "given back: visible again at once"
+    assert queued["read_ct"] == 0, "a give-back spends no attempt"
     assert run_row(harness.dsn, RULES, msg_id)["status"] == "pending"
     assert results(harness.dsn, RULES_RESULTS) == []
 
-    release.set()
     successor = harness.consumer([ProbeHandler()], name="test-host:2")
     drive(successor, lambda: results(harness.dsn, RULES_RESULTS), what="the successor's result")
-    check_finished(harness.dsn, RULES, RULES_RESULTS, msg_id, status="completed", attempt=2, consumer="test-host:2")
+    check_finished(harness.dsn, RULES, RULES_RESULTS, msg_id, status="completed", attempt=1, consumer="test-host:2")
 
 
 # --- dead letters, for operators --------------------------------------------------------------
