@@ -201,7 +201,8 @@ class Sandbox:
                  uids: range = range(1_900_000_000, 1_900_000_256),
                  ro_paths: Sequence[Path] = (), lock_dir: Path | None = None,
                  use_cgroups: bool = True, cgroup_parent: Path | None = None,
-                 seccomp_library: str | None = None):
+                 seccomp_library: str | None = None, recheck_s: float = 60.0,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.limits = limits
         self.bwrap, self.setpriv, self.prlimit = bwrap, setpriv, prlimit
         self.uids = uids
@@ -214,6 +215,11 @@ class Sandbox:
         self._hierarchy_lock = threading.Lock()
         self._unavailable: str | None = None
         self._probed = False
+        # an unavailable sandbox is probed again after recheck_s: installing bubblewrap (say)
+        # needs no consumer restart
+        self.recheck_s = recheck_s
+        self._monotonic = monotonic
+        self._probed_at = 0.0
         self._seccomp: bytes | None = None
         self._hierarchy: cgroups.Hierarchy | None = None
         self._hierarchy_reasons: list[str] = []
@@ -252,12 +258,16 @@ class Sandbox:
 
     def check(self) -> None:
         """Raise SandboxUnavailable (with the reason) if the sandbox cannot be set up here.
-        The probe runs once; its answer is kept, and announced in one log line."""
+        A working sandbox is probed once; an unavailable one again every recheck_s. Each answer
+        that differs from the last is announced in one log line."""
         with self._probe_lock:
-            if not self._probed:
+            now = self._monotonic()
+            if not self._probed or (self._unavailable is not None and now - self._probed_at >= self.recheck_s):
+                before, first = self._unavailable, not self._probed
                 self._unavailable = self._probe()
-                self._probed = True
-                self._announce()
+                self._probed, self._probed_at = True, now
+                if first or self._unavailable != before:
+                    self._announce()
         if self._unavailable is not None:
             raise SandboxUnavailable(f"the sandbox cannot be set up here: {self._unavailable}",
                                      details={"reason": self._unavailable})

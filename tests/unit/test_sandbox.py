@@ -504,3 +504,19 @@ def test_a_scratch_left_mounted_by_a_dead_consumer_is_unmounted_at_start_and_a_l
         live_lock.close()
         subprocess.run(["umount", "-l", str(live)], check=False)
         subprocess.run(["umount", "-l", str(dead)], check=False)
+
+
+def test_an_unavailable_sandbox_is_probed_again_and_becomes_available_without_a_restart(tmp_path):
+    """bubblewrap installed while the consumer runs: the next probe after recheck_s finds it."""
+    bwrap = tmp_path / "bwrap"
+    now = [0.0]
+    sandbox = Sandbox(bwrap=str(bwrap), recheck_s=60.0, monotonic=lambda: now[0])
+    with pytest.raises(SandboxUnavailable, match="is missing"):
+        sandbox.check()
+    bwrap.symlink_to("/usr/bin/bwrap")
+    now[0] = 59.0
+    assert not sandbox.available          # the answer is kept until recheck_s has passed
+    now[0] = 60.0
+    assert sandbox.available
+    result = sandbox.run(["/usr/bin/cat", "f"], files={"f": "ran"}, timeout_s=30)
+    assert result.returncode == 0 and result.stdout == "ran"
