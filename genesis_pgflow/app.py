@@ -17,7 +17,7 @@ from genesis_pgflow.handlers.llm_config import LlmConfigManager
 from genesis_pgflow.handlers.rules import RuleEngine
 from genesis_pgflow.sandbox import Sandbox
 from genesis_pgflow.settings import Settings
-from genesis_pgflow.store import schema
+from genesis_pgflow.store import admin, schema
 from genesis_pgflow.store.database import Database, check_reachable
 from genesis_pgflow.store.embedded import embedded_dsn
 from genesis_pgflow.store.experiments import ExperimentRecords, PgExperimentRecords
@@ -92,8 +92,19 @@ class App:
         options = ConsumerOptions(queues=s.queues, parallel=s.parallel, batch_size=s.batch_size,
                                   poll_interval_s=s.poll_interval_ms / 1000.0, lease_s=s.lease_s,
                                   drain=s.drain, shutdown_grace_s=s.shutdown_grace_s, max_outage_s=s.max_outage_s)
-        return Consumer(self.queues, self.dispatcher(), options,
-                        periodic=maintenance.scheduled_jobs(s, self.experiments), hurry=self.db.hurry)
+        consumer = Consumer(self.queues, self.dispatcher(), options,
+                            periodic=maintenance.scheduled_jobs(s, self.experiments), hurry=self.db.hurry)
+        # genesis.consumers: alive, and how much it holds (a timed-out job's slot is still held)
+        presence = self.presence()
+        consumer.periodic.append(("consumer_heartbeat", s.heartbeat_interval_s,
+                                  lambda: presence.beat(len(consumer.running) + len(consumer.overrun))))
+        return consumer
+
+    def presence(self) -> admin.ConsumerPresence:
+        """This process as genesis.consumers lists it (the CLI registers it and marks it stopped)."""
+        s = self.settings
+        return admin.ConsumerPresence(self.db, self.queues.consumer, s.queues, s.parallel,
+                                      s.heartbeat_interval_s, s.consumer_retention_s)
 
     def close(self) -> None:
         self.queues.close()

@@ -7,19 +7,23 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
 from genesis_pgflow import maintenance, metrics
-from genesis_pgflow.app import App, upgrade_database
+from genesis_pgflow.app import App, resolve_dsn, upgrade_database
 from genesis_pgflow.errors import ConfigurationError
 from genesis_pgflow.messages import REDACTED, REQUEST_QUEUES, all_queue_names, redact
 from genesis_pgflow.settings import Settings
+from genesis_pgflow.store.admin import PgAdminStore, package_version, shown_dsn
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("genesis_pgflow")
@@ -191,7 +195,7 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, stop)
             serving = (metrics.serving(app, consumer, settings.metrics_host, settings.metrics_port)
                        if settings.metrics_port is not None else contextlib.nullcontext())
-            with serving:
+            with serving, _registered(app):
                 log.info("consuming %s with %d worker(s)", ",".join(settings.queues), settings.parallel)
                 consumer.run()
             log.info("stopped: %s", dict(consumer.stats.outcomes))
@@ -202,67 +206,133 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
     return _guarded(main)
 
 
+@contextlib.contextmanager
+def _registered(app: App) -> Iterator[None]:
+    """Listed in genesis.consumers while consuming (the heartbeat is a periodic job), stopped after."""
+    presence = app.presence()
+    presence.register()
+    try:
+        yield
+    finally:
+        try:
+            presence.stopped()
+        except Exception as exc:  # noqa: BLE001 - the database may be away; the row goes stale, shown as gone
+            log.warning("could not mark this consumer stopped: %s", exc)
+
+
 # --- genesis ----------------------------------------------------------------------------------
 
 
+def _command(sub: Any, name: str, run: Callable[..., int], help: str | None = None) -> argparse.ArgumentParser:
+    """A leaf subcommand: runs `run`, and takes --dsn after its name too (`genesis db upgrade --dsn X`)."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    parser.add_argument("--dsn", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _group(sub: Any, name: str, help: str) -> Any:
+    return sub.add_parser(name, help=help, description=help).add_subparsers(
+        dest=f"{name}_command", required=True, parser_class=_Parser, metavar="command")
+
+
+def _duration(text: str) -> float:
+    """`90s`, `15m`, `1h`, `2d`, `1w` (or plain seconds) as seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 15m, 1h, 2d)")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}[match[2]]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _json_argument(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"JSON argument is not valid JSON: {exc}") from None
+
+
 def admin_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="genesis", description="Administer genesis_pgflow: schema, queues, dead letters, state.")
-    p.add_argument("--dsn", help="libpq URL or key/value DSN (default: GENESIS_DATABASE_URL, DATABASE_URL, embedded)")
+    p = _Parser(prog="genesis", description="Administer genesis_pgflow: schema, queues, failures, consumers, state.")
+    p.add_argument("--dsn", help="libpq URL or key/value DSN (default: GENESIS_DATABASE_URL, DATABASE_URL, embedded);"
+                                 " also accepted after the command")
+    p.add_argument("--version", action="version", version=f"genesis {package_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
-    db.add_parser("upgrade", help="install pgmq, create the queues, migrate the genesis schema")
-    send = sub.add_parser("send", help="send one JSON message to a queue")
+
+    db = _group(sub, "db", "the database: schema and how to reach it")
+    _command(db, "upgrade", _db_upgrade, "install pgmq, create the queues, migrate the genesis schema")
+    url = _command(db, "url", _db_url, "print the DSN of the database (for psql); the password hidden")
+    url.add_argument("--show-password", action="store_true")
+
+    send = _command(sub, "send", _send, "send one JSON message to a queue")
     send.add_argument("queue", choices=all_queue_names(), metavar="QUEUE")
-    send.add_argument("json")
-    status = sub.add_parser("status", help="queue depths, in flight, outcomes")
+    send.add_argument("json", type=_json_argument)
+
+    status = _command(sub, "status", _status, "the database, queues, consumers, throughput, failures by code")
     status.add_argument("--json", action="store_true")
-    dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="dlq_command", required=True)
-    dlq_list = dlq.add_parser("list", help="list the dead letters of a request queue")
+    status.add_argument("--watch", action="store_true", help="redraw every --interval seconds until Ctrl-C")
+    status.add_argument("--interval", type=_duration, default=2.0, help="seconds between redraws (default 2)")
+
+    failures = _command(sub, "failures", _failures, "recent failed runs with their error code and message")
+    failures.add_argument("--queue", choices=REQUEST_QUEUES, metavar="QUEUE")
+    failures.add_argument("--type", metavar="TYPE", help="payload type, e.g. code_execution_request")
+    failures.add_argument("--since", type=_duration, default=86_400.0, metavar="DURATION",
+                          help="how far back: 90s, 15m, 1h, 2d, 1w (default 1d)")
+    failures.add_argument("--limit", type=_positive, default=50)
+    failures.add_argument("--json", action="store_true")
+
+    runs = _group(sub, "runs", "one request message's history")
+    show = _command(runs, "show", _runs_show, "a request's run, errors, retries, result and where it is now")
+    show.add_argument("queue", choices=REQUEST_QUEUES, metavar="QUEUE")
+    show.add_argument("msg_id", type=int, metavar="MSG_ID")
+    show.add_argument("--json", action="store_true")
+
+    consumers = _command(sub, "consumers", _consumers, "the consumers registered: running, stopped or gone")
+    consumers.add_argument("--json", action="store_true")
+
+    dlq = _group(sub, "dlq", "dead letters")
+    dlq_list = _command(dlq, "list", _dlq_list, "the dead letters of a request queue, with their original and error")
     dlq_list.add_argument("queue", choices=REQUEST_QUEUES, metavar="QUEUE")
+    dlq_list.add_argument("--limit", type=_positive, default=100)
     dlq_list.add_argument("--json", action="store_true")
-    requeue = dlq.add_parser("requeue", help="send dead letters back to their request queue")
+    requeue = _command(dlq, "requeue", _dlq_requeue, "send dead letters (all, or the ids given) back to their queue")
     requeue.add_argument("queue", choices=REQUEST_QUEUES, metavar="QUEUE")
     requeue.add_argument("msg_ids", nargs="*", type=int, metavar="MSG_ID")
-    rules = sub.add_parser("rules", help="the active rules").add_subparsers(dest="rules_command", required=True)
-    rules_list = rules.add_parser("list")
+
+    rules = _group(sub, "rules", "the active rules")
+    rules_list = _command(rules, "list", _rules_list)
     rules_list.add_argument("--namespace")
     rules_list.add_argument("--json", action="store_true")
-    llm = sub.add_parser("llm-config", help="the active LLM configurations").add_subparsers(
-        dest="llm_command", required=True)
-    llm_show = llm.add_parser("show")
+
+    llm = _group(sub, "llm-config", "the active LLM configurations")
+    llm_show = _command(llm, "show", _llm_show)
     llm_show.add_argument("--provider")
     llm_show.add_argument("--json", action="store_true")
-    exps = sub.add_parser("experiments", help="experiments and their metrics").add_subparsers(
-        dest="experiments_command", required=True)
-    exps_list = exps.add_parser("list")
+
+    exps = _group(sub, "experiments", "experiments and their metrics")
+    exps_list = _command(exps, "list", _experiments_list)
     exps_list.add_argument("--status", choices=["running", "success", "regressed", "failed"])
     exps_list.add_argument("--limit", type=int, default=50)
     exps_list.add_argument("--json", action="store_true")
-    exps_show = exps.add_parser("show")
+    exps_show = _command(exps, "show", _experiments_show)
     exps_show.add_argument("experiment_id")
     exps_show.add_argument("--output", action="store_true",
                            help="also print each run's output tail (sensitive: whatever the tested code printed)")
-    sandbox = sub.add_parser("sandbox", help="experiment sandboxes").add_subparsers(
-        dest="sandbox_command", required=True)
-    cleanup = sandbox.add_parser("cleanup", help="remove sandboxes older than the maximum age")
+
+    sandbox = _group(sub, "sandbox", "experiment sandboxes")
+    cleanup = _command(sandbox, "cleanup", _sandbox_cleanup, "remove sandboxes older than the maximum age")
     cleanup.add_argument("--max-age-days", type=float)
     cleanup.add_argument("--json", action="store_true")
     return p
-
-
-def _print(value: Any, as_json: bool, table: Callable[[Any], str]) -> None:
-    print(json.dumps(value, indent=2, default=str) if as_json else table(value))
-
-
-def _status_table(status: dict[str, Any]) -> str:
-    cols = ["depth", "in_flight", "oldest_age_s", "archived", "dead_lettered", "completed", "failed", "retrying"]
-    lines = [f"{'queue':<30}" + "".join(f"{c:>14}" for c in cols)]
-    for name, row in status["queues"].items():
-        lines.append(f"{name:<30}" + "".join(f"{'-' if row[c] is None else row[c]:>14}" for c in cols))
-    lines += ["", f"{'type':<30}{'completed':>14}{'failed':>14}{'retrying':>14}{'running':>14}"]
-    for kind, row in status["types"].items():
-        lines.append(f"{kind:<30}{row['completed']:>14}{row['failed']:>14}{row['retrying']:>14}{row['running']:>14}")
-    return "\n".join(lines)
 
 
 def admin_main(argv: Sequence[str] | None = None) -> int:
@@ -271,66 +341,300 @@ def admin_main(argv: Sequence[str] | None = None) -> int:
     def main() -> int:
         settings = Settings.from_env(dsn=args.dsn)
         setup_logging(settings.log_format, "WARNING")
-        if args.command == "db":
-            report = upgrade_database(settings)
-            print(f"pgmq: {report.pgmq}; queues created: {len(report.queues_created)}; "
-                  f"genesis schema: {report.revision_before or 'none'} -> {report.revision_after}")
-            return EXIT_OK
-        if args.command == "send":
-            try:
-                body = json.loads(args.json)
-            except json.JSONDecodeError as exc:
-                raise ConfigurationError(f"JSON argument is not valid JSON: {exc}") from None
+        if args.run in (_db_upgrade, _db_url):   # these work on a database that is not (yet) current
+            return int(args.run(settings, args))
         # Operators' commands never change a configured database's schema behind their back (a
         # behind database is exit 2 naming `genesis db upgrade`); the embedded default is ours.
         app = App.open(settings, migrate=settings.dsn is None)
         try:
-            return _admin(app, args, body if args.command == "send" else None)
+            return int(args.run(app, args))
         finally:
             app.close()
 
-    return _guarded(main)
+    return _guarded(lambda: _quiet_on_closed_pipe(main))
 
 
-def _admin(app: App, args: argparse.Namespace, body: Any) -> int:
-    if args.command == "send":
-        print(app.queues.send(args.queue, body))
-    elif args.command == "status":
-        _print(app.queues.status(), args.json, _status_table)
-    elif args.command == "dlq" and args.dlq_command == "list":
-        letters = [{**row, "message": redact(row["message"])} for row in app.queues.dead_letters(args.queue)]
-        _print(letters, args.json, lambda rows: "\n".join(
-            f"{r['msg_id']}\t{r['enqueued_at']:%Y-%m-%d %H:%M:%S}\t{json.dumps(r['message'])}" for r in rows)
-            or "(no dead letters)")
-    elif args.command == "dlq" and args.dlq_command == "requeue":
-        moved = app.queues.requeue_dead_letters(args.queue, args.msg_ids)
-        for old, new in moved:
-            print(f"{old} -> {args.queue} {new}")
-        print(f"requeued {len(moved)} message(s)")
-    elif args.command == "rules":
-        _print(app.state.rules(args.namespace), args.json, lambda rows: "\n".join(
-            f"{r['namespace']}/{r['rule_id']}\tv{r['version']}\tconfidence {r['confidence']}" for r in rows)
-            or "(no rules)")
-    elif args.command == "llm-config":
-        configs = redact(app.state.llm_configs(args.provider))
-        _print(configs, args.json, lambda rows: "\n".join(
-            f"{r['provider']}/{r['complexity']}\tv{r['version']}\tmodels {', '.join(r['models'])}\tsettings "
-            f"{json.dumps(r['settings'])}" for r in rows) or "(no LLM configurations)")
-    elif args.command == "experiments" and args.experiments_command == "list":
-        rows = app.experiments.list_experiments(status=args.status, limit=args.limit)
-        _print(rows, args.json, lambda rows: "\n".join(
-            f"{r['experiment_id']}\t{r['status']}\t{r.get('recommendation') or '-'}"
-            f"\t{r['started_at']:%Y-%m-%d %H:%M:%S}\t{r['description']}" for r in rows) or "(no experiments)")
-    elif args.command == "experiments" and args.experiments_command == "show":
-        found = app.experiments.show_experiment(args.experiment_id, output=args.output)
-        if found is None:
-            raise ConfigurationError(f"no experiment {args.experiment_id!r}")
-        print(json.dumps(redact(found), indent=2, default=str))
-    elif args.command == "sandbox":
-        report = maintenance.cleanup_sandboxes(app.settings, app.experiments, max_age_days=args.max_age_days)
-        _print(report.as_json(), args.json, lambda r: (
-            f"removed {len(r['removed'])} sandbox(es), freed {r['bytes_freed']} bytes; kept {len(r['kept'])}"
-            + (f"; errors: {r['errors']}" if r["errors"] else "")) if r["ran"] else
-            "another process is cleaning up right now; nothing done")
+def _quiet_on_closed_pipe(main: Callable[[], int]) -> int:
+    """`genesis rules list | head -1`: once the reader has gone, stop writing and exit 0 quietly."""
+    try:
+        code = main()
+        sys.stdout.flush()   # here, not at interpreter exit, where a closed pipe is a printed error
+        return code
+    except BrokenPipeError:
+        # whatever is still buffered must not fail again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+Column = tuple[str, Callable[[dict[str, Any]], Any]]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dt.datetime):
+        return f"{value.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return _escape(str(value))
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], *, empty: str = "(none)",
+          wrap_last: bool = False) -> str:
+    """The one table printer: a header and one line per row, columns as wide as their widest cell
+    (numbers right-aligned); the last column is never padded."""
+    if not rows:
+        return empty
+    cells = [[_cell(get(row)) for _, get in columns] for row in rows]
+    numeric = [all(isinstance(get(row), (int, float)) or get(row) is None for row in rows) for _, get in columns]
+    widths = [max(len(head), *(len(line[i]) for line in cells)) for i, (head, _) in enumerate(columns)]
+    last = len(columns) - 1
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v if i == last and not numeric[i] else (v.rjust(widths[i]) if numeric[i] else v.ljust(widths[i]))
+                 for i, v in enumerate(values)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line([head for head, _ in columns]), *(line(values) for values in cells)])
+
+
+def _field(name: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda row: row.get(name)
+
+
+def _emit(value: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    print(json.dumps(value, indent=2, default=str) if as_json else text(value))
+
+
+def _clip(text: str | None, limit: int = 100) -> str | None:
+    return None if text is None else (text if len(text) <= limit else text[:limit - 1] + "…")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _safe_error(error: Any) -> Any:
+    """An error object as operators see it: secrets in its details redacted, in its message scrubbed."""
+    if not isinstance(error, dict):
+        return error
+    safe = redact(error)
+    if isinstance(safe.get("message"), str):
+        safe["message"] = _scrub(safe["message"])
+    return safe
+
+
+# --- genesis commands: one function each -------------------------------------------------------
+
+
+def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    report = upgrade_database(settings)
+    print(f"pgmq: {report.pgmq}; queues created: {len(report.queues_created)}; "
+          f"genesis schema: {report.revision_before or 'none'} -> {report.revision_after}")
+    return EXIT_OK
+
+
+def _db_url(settings: Settings, args: argparse.Namespace) -> int:
+    print(shown_dsn(resolve_dsn(settings), show_password=args.show_password))
+    return EXIT_OK
+
+
+def _send(app: App, args: argparse.Namespace) -> int:
+    print(app.queues.send(args.queue, args.json))
+    return EXIT_OK
+
+
+def _where(app: App) -> dict[str, Any]:
+    """The database a command looks at: the DSN without its password, or the embedded server's folder."""
+    embedded = app.settings.dsn is None
+    return {"dsn": shown_dsn(app.dsn), "embedded": embedded,
+            "path": str(app.settings.home / "pgdata") if embedded else None}
+
+
+def _status_json(app: App) -> dict[str, Any]:
+    status = PgAdminStore(app.db).status()
+    for row in status["consumers"]:
+        row.pop("heartbeat_s", None)
+    return {"database": _where(app), **status}
+
+
+def _status_text(status: dict[str, Any]) -> str:
+    where = status["database"]
+    lines = [f"database: embedded at {where['path']} ({where['dsn']})" if where["embedded"]
+             else f"database: {where['dsn']}", ""]
+    queue_rows = [{"queue": name, **row} for name, row in status["queues"].items()]
+    lines.append(table(queue_rows, [("queue", _field("queue"))] + [(c, _field(c)) for c in (
+        "depth", "in_flight", "oldest_age_s", "archived", "dead_lettered", "completed", "failed", "retrying")]))
+    lines += ["", table([{"type": kind, **row} for kind, row in status["types"].items()],
+                        [("type", _field("type"))] + [(c, _field(c)) for c in
+                                                     ("completed", "failed", "retrying", "running")],
+                        empty="(no runs yet)")]
+    consumers = status["consumers"]
+    states = Counter(c["state"] for c in consumers)
+    lines += ["", f"consumers: {states['running']} running, {states['gone']} gone, {states['stopped']} stopped"]
+    live = [c for c in consumers if c["state"] != "stopped"]
+    if live:
+        lines.append(_consumers_table(live))
+    minute, hour = status["throughput"]["last_minute"], status["throughput"]["last_hour"]
+    lines += ["", f"throughput: last minute {minute['completed']} completed, {minute['failed']} failed; "
+                  f"last hour {hour['completed']} completed, {hour['failed']} failed"]
+    by_code = status["failures_by_code_last_hour"]
+    lines += ["", "failures by code, last hour: " + (", ".join(f"{code} {n}" for code, n in by_code.items())
+                                                     or "none")]
+    return "\n".join(lines)
+
+
+def _status(app: App, args: argparse.Namespace) -> int:
+    if not args.watch:
+        _emit(_status_json(app), args.json, _status_text)
+        return EXIT_OK
+    while True:   # until Ctrl-C (exit 0)
+        status = _status_json(app)
+        if args.json:   # one object per line, for a pipe
+            print(json.dumps(status, default=str), flush=True)
+        else:   # clear the screen and redraw in place
+            stamp = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
+            sys.stdout.write(f"\x1b[H\x1b[2J{stamp}  every {args.interval:g} s, Ctrl-C to stop\n\n"
+                             f"{_status_text(status)}\n")
+            sys.stdout.flush()
+        time.sleep(args.interval)
+
+
+def _failures(app: App, args: argparse.Namespace) -> int:
+    rows = PgAdminStore(app.db).failures(since_s=args.since, queue=args.queue, type=args.type, limit=args.limit)
+    rows = [{**row, "message": _scrub(row["message"] or ""), "details": redact(row["details"])} for row in rows]
+    _emit(rows, args.json, lambda rows: table(rows, [
+        ("finished", _field("finished_at")), ("queue", _field("queue")), ("msg_id", _field("msg_id")),
+        ("type", _field("type")), ("attempts", _field("attempts")), ("code", _field("code")),
+        ("message", lambda r: _clip(r["message"]))], empty="(no failures)"))
+    return EXIT_OK
+
+
+def _runs_show(app: App, args: argparse.Namespace) -> int:
+    found = PgAdminStore(app.db).run_history(args.queue, args.msg_id)
+    if found is None:
+        raise ConfigurationError(f"no message {args.msg_id} in {args.queue}: not queued, archived or run")
+    found = redact(found)
+    if found["run"] is not None:
+        found["run"]["error"] = _safe_error(found["run"]["error"])
+    for entry in found["errors"]:
+        entry["error"] = _safe_error(entry["error"])
+    _emit(found, args.json, _run_text)
+    return EXIT_OK
+
+
+def _run_text(found: dict[str, Any]) -> str:
+    lines = [f"{found['queue']} {found['msg_id']}"]
+    run = found["run"]
+    if run is None:
+        lines.append("run: none recorded yet")
+    else:
+        error = run["error"] or {}
+        lines += [f"  {key}: {_cell(run[key])}" for key in (
+            "status", "type", "attempts", "workflow_id", "enqueued_at", "started_at", "finished_at",
+            "next_attempt_at", "consumer")]
+        if error:
+            lines.append(f"  error: {error.get('code')}: {error.get('message')}")
+        if run["result"] is not None:
+            lines.append(f"  result: {json.dumps(run['result'], default=str)}")
+    lines += ["", "errors met:", table(found["errors"], [
+        ("at", _field("at")), ("attempt", _field("attempt")), ("outcome", _field("outcome")),
+        ("code", lambda e: e["error"].get("code")), ("retry_at", _field("retry_at")),
+        ("message", lambda e: _clip(e["error"].get("message")))], empty="  (none)")]
+    queued, archived, letter = found["in_queue"], found["archived"], found["dead_letter"]
+    lines += ["", "where it is: " + (
+        f"queued (read {queued['read_ct']} time(s), {'leased' if queued['leased'] else 'visible'} "
+        f"at {_cell(queued['vt'])})" if queued else
+        f"archived at {_cell(archived['archived_at'])} after {archived['read_ct']} read(s)" if archived else "gone")]
+    if letter:
+        lines.append(f"dead letter: {letter['queue']} {letter['msg_id']}")
+    results = found["results_waiting"]
+    lines.append(f"results waiting: {len(results)}")
+    for r in results:
+        outcome = r["message"].get("error") or r["message"].get("result")
+        lines.append(f"  {r['msg_id']}: {r['message'].get('status')} {json.dumps(outcome, default=str)}")
+    return "\n".join(lines)
+
+
+def _consumers_table(rows: Sequence[dict[str, Any]]) -> str:
+    return table(rows, [
+        ("id", _field("id")), ("state", _field("state")), ("version", _field("version")),
+        ("parallel", _field("parallel")), ("in_flight", _field("in_flight")), ("started", _field("started_at")),
+        ("heartbeat", lambda c: f"{_age(c['heartbeat_age_s'])} ago"), ("queues", _field("queues"))],
+        empty="(no consumers registered)")
+
+
+def _consumers(app: App, args: argparse.Namespace) -> int:
+    _emit(PgAdminStore(app.db).consumers(), args.json, _consumers_table)
+    return EXIT_OK
+
+
+def _dlq_list(app: App, args: argparse.Namespace) -> int:
+    letters = [{**row, "message": redact(row["message"]), "error": _safe_error(row["error"])}
+               for row in PgAdminStore(app.db).dead_letters(args.queue, args.limit)]
+    _emit(letters, args.json, lambda rows: table(rows, [
+        ("msg_id", _field("msg_id")), ("dead_since", _field("enqueued_at")),
+        ("original", lambda r: f"{r['original_queue']} {r['original_msg_id'] or '?'}"),
+        ("attempts", _field("attempts")), ("code", lambda r: (r["error"] or {}).get("code")),
+        ("last_error", lambda r: _clip((r["error"] or {}).get("message")))], empty="(no dead letters)"))
+    return EXIT_OK
+
+
+def _dlq_requeue(app: App, args: argparse.Namespace) -> int:
+    moved = PgAdminStore(app.db).requeue_dead_letters(args.queue, args.msg_ids)
+    for old, new in moved:
+        print(f"{old} -> {args.queue} {new}")
+    print(f"requeued {len(moved)} message(s)")
+    return EXIT_OK
+
+
+def _rules_list(app: App, args: argparse.Namespace) -> int:
+    _emit(app.state.rules(args.namespace), args.json, lambda rows: table(rows, [
+        ("rule", lambda r: f"{r['namespace']}/{r['rule_id']}"), ("version", _field("version")),
+        ("confidence", _field("confidence")), ("applied", _field("applied_at"))], empty="(no rules)"))
+    return EXIT_OK
+
+
+def _llm_show(app: App, args: argparse.Namespace) -> int:
+    _emit(redact(app.state.llm_configs(args.provider)), args.json, lambda rows: table(rows, [
+        ("provider", _field("provider")), ("complexity", _field("complexity")), ("version", _field("version")),
+        ("models", _field("models")), ("settings", lambda r: json.dumps(r["settings"]))],
+        empty="(no LLM configurations)"))
+    return EXIT_OK
+
+
+def _experiments_list(app: App, args: argparse.Namespace) -> int:
+    rows = app.experiments.list_experiments(status=args.status, limit=args.limit)
+    _emit(rows, args.json, lambda rows: table(rows, [
+        ("experiment_id", _field("experiment_id")), ("status", _field("status")),
+        ("recommendation", _field("recommendation")), ("started", _field("started_at")),
+        ("description", _field("description"))], empty="(no experiments)"))
+    return EXIT_OK
+
+
+def _experiments_show(app: App, args: argparse.Namespace) -> int:
+    found = app.experiments.show_experiment(args.experiment_id, output=args.output)
+    if found is None:
+        raise ConfigurationError(f"no experiment {args.experiment_id!r}")
+    print(json.dumps(redact(found), indent=2, default=str))
+    return EXIT_OK
+
+
+def _sandbox_cleanup(app: App, args: argparse.Namespace) -> int:
+    report = maintenance.cleanup_sandboxes(app.settings, app.experiments, max_age_days=args.max_age_days)
+    _emit(report.as_json(), args.json, lambda r: (
+        f"removed {len(r['removed'])} sandbox(es), freed {r['bytes_freed']} bytes; kept {len(r['kept'])}"
+        + (f"; errors: {r['errors']}" if r["errors"] else "")) if r["ran"] else
+        "another process is cleaning up right now; nothing done")
     return EXIT_OK
 

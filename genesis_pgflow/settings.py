@@ -63,6 +63,10 @@ class Settings(BaseModel):
     lease_s: int = Field(default=10, ge=1)
     # grace period for in-flight work at shutdown
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # a consumer's heartbeat in genesis.consumers; silent for 3 intervals it is shown as gone, and
+    # gone or stopped for consumer_retention_s it is deleted
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    consumer_retention_s: float = Field(default=3600.0, ge=0)
     # how long the database may stay unreachable (or refuse writes) before the consumer exits 2
     max_outage_s: float = Field(default=300.0, gt=0)
     # server-side statement timeout of the consumer's own sessions; a call the server leaves
