@@ -134,6 +134,8 @@ class Watchdog:
     would otherwise keep the caller in a socket read for ever; after the cut psycopg raises
     OperationalError at once and the connection is broken."""
 
+    TICK_S = 0.25
+
     def __init__(self, monotonic: Callable[[], float] = time.monotonic):
         self.monotonic = monotonic
         self.cuts = 0
@@ -151,8 +153,8 @@ class Watchdog:
                 self._thread.start()
             if self._cap_s is not None:
                 seconds = min(seconds, self._cap_s)
+            # no notify: the watchdog looks every TICK_S, and deadlines are seconds away
             self._calls[id(conn)] = (conn, self.monotonic() + seconds)
-            self._changed.notify()
         try:
             yield
         finally:
@@ -185,7 +187,7 @@ class Watchdog:
                         self.cuts += 1
                         _cut(conn)
                 waits = [deadline - now for _, deadline in self._calls.values()]
-                self._changed.wait(max(0.01, min(waits, default=1.0)))
+                self._changed.wait(min(self.TICK_S, max(0.01, min(waits, default=self.TICK_S))))
 
 
 def _cut(conn: psycopg.Connection[Any]) -> None:
