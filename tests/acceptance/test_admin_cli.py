@@ -66,6 +66,7 @@ def burst(env: dict[str, str], db_dsn: str) -> dict[str, int]:
 
 
 @pytest.mark.db
+@pytest.mark.slow
 def test_failures_show_each_failed_request_with_its_code_and_message(env: dict[str, str],
                                                                      burst: dict[str, int]) -> None:
     text = ok(run_cli(GENESIS, "failures", env=env)).stdout
@@ -93,6 +94,7 @@ def test_failures_show_each_failed_request_with_its_code_and_message(env: dict[s
 
 
 @pytest.mark.db
+@pytest.mark.slow
 def test_runs_show_tells_one_requests_whole_story(env: dict[str, str], burst: dict[str, int]) -> None:
     story = as_json("runs", "show", RULES, str(burst["low"]), env=env)
     assert story["run"]["status"] == "failed" and story["run"]["attempts"] == 1
@@ -112,6 +114,7 @@ def test_runs_show_tells_one_requests_whole_story(env: dict[str, str], burst: di
 
 
 @pytest.mark.db
+@pytest.mark.slow
 def test_dlq_list_names_the_original_its_attempts_and_last_error(env: dict[str, str], db_dsn: str,
                                                                  burst: dict[str, int]) -> None:
     [letter] = as_json("dlq", "list", LLM, env=env)
@@ -134,6 +137,7 @@ def test_dlq_list_names_the_original_its_attempts_and_last_error(env: dict[str, 
 
 
 @pytest.mark.db
+@pytest.mark.slow
 def test_status_starts_with_the_database_and_adds_throughput_and_failures(env: dict[str, str], db_dsn: str,
                                                                           burst: dict[str, int]) -> None:
     dbname = conninfo_to_dict(db_dsn)["dbname"]
@@ -205,6 +209,7 @@ def test_a_closed_pipe_is_not_a_traceback(env: dict[str, str], db_dsn: str) -> N
 
 
 @pytest.mark.db
+@pytest.mark.slow
 def test_consumers_shows_a_live_consumer_and_a_killed_one_as_gone(env: dict[str, str], db_dsn: str,
                                                                   background: Callable[..., Any]) -> None:
     fast = {**env, "GENESIS_HEARTBEAT_INTERVAL_S": "0.3"}
