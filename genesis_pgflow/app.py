@@ -17,7 +17,7 @@ from genesis_pgflow.handlers.llm_config import LlmConfigManager
 from genesis_pgflow.handlers.rules import RuleEngine
 from genesis_pgflow.sandbox import Sandbox
 from genesis_pgflow.settings import Settings
-from genesis_pgflow.store import admin, schema
+from genesis_pgflow.store import admin, retention, schema
 from genesis_pgflow.store.database import Database, check_reachable
 from genesis_pgflow.store.embedded import embedded_dsn
 from genesis_pgflow.store.experiments import ExperimentRecords, PgExperimentRecords
@@ -76,7 +76,9 @@ class App:
         db = Database(dsn, max_size=max(4, settings.parallel + 2), application_name=f"genesis:{os.getpid()}",
                       connect_timeout_s=settings.connect_timeout_s,
                       statement_timeout_s=settings.statement_timeout_s).open()
-        return cls(settings, dsn, db, PgQueueStore(db, consumer_name(), settings.intake_limits), PgStateStore(db),
+        cipher = settings.secret_cipher()
+        return cls(settings, dsn, db, PgQueueStore(db, consumer_name(), settings.intake_limits, cipher),
+                   PgStateStore(db, cipher),
                    PgExperimentRecords(db))
 
     def dispatcher(self) -> Dispatcher:
@@ -98,6 +100,7 @@ class App:
         presence = self.presence()
         consumer.periodic.append(("consumer_heartbeat", s.heartbeat_interval_s,
                                   lambda: presence.beat(len(consumer.running) + len(consumer.overrun))))
+        consumer.periodic.append(retention.scheduled_job(self.db, s))
         return consumer
 
     def presence(self) -> admin.ConsumerPresence:

@@ -24,6 +24,7 @@ from genesis_pgflow.errors import ConfigurationError
 from genesis_pgflow.messages import REDACTED, REQUEST_QUEUES, all_queue_names, redact
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.admin import PgAdminStore, package_version, shown_dsn
+from genesis_pgflow.store.retention import PgRetention, RetentionPolicy
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("genesis_pgflow")
@@ -332,6 +333,14 @@ def admin_parser() -> argparse.ArgumentParser:
     cleanup = _command(sandbox, "cleanup", _sandbox_cleanup, "remove sandboxes older than the maximum age")
     cleanup.add_argument("--max-age-days", type=float)
     cleanup.add_argument("--json", action="store_true")
+
+    prune = _command(sub, "prune", _prune, "delete archived requests, finished runs and unread results past their "
+                                           "retention ages (GENESIS_RETENTION_*_DAYS); never dead letters")
+    prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    prune.add_argument("--json", action="store_true")
+
+    secrets = _group(sub, "secrets", "the key sealing stored secrets (GENESIS_SECRET_KEY)")
+    _command(secrets, "rotate", _secrets_rotate, "re-seal every stored secret with the first key of GENESIS_SECRET_KEY")
     return p
 
 
@@ -638,3 +647,17 @@ def _sandbox_cleanup(app: App, args: argparse.Namespace) -> int:
         "another process is cleaning up right now; nothing done")
     return EXIT_OK
 
+
+def _prune(app: App, args: argparse.Namespace) -> int:
+    report = PgRetention(app.db).prune(RetentionPolicy.of(app.settings), dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    _emit(report.as_json(), args.json, lambda r: (
+        f"{verb} {r['total']} row(s)" + "".join(f"\n  {table}: {n}" for table, n in r["deleted"].items() if n)
+        + ("" if args.dry_run else f"\n({r['batches']} batch(es), {r['seconds']:g} s)")) if r["ran"] else
+        "another process is pruning right now; nothing done")
+    return EXIT_OK
+
+
+def _secrets_rotate(app: App, args: argparse.Namespace) -> int:
+    print(f"re-sealed the secrets of {app.state.reseal_llm_settings()} stored LLM configuration(s) with the first key")
+    return EXIT_OK

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from genesis_pgflow.cipher import KEY_FILE, SecretCipher
 from genesis_pgflow.messages import REQUEST_QUEUES, IntakeLimits
 
 ROOT_HOME = Path("/var/lib/genesis")
@@ -99,6 +100,17 @@ class Settings(BaseModel):
     # copies of experiments that ended in success are removed sooner than the rest
     sandbox_success_max_age_days: float = Field(default=1.0, ge=0)
 
+    # retention (store/retention.py): archived requests, finished runs and unread results older
+    # than these are deleted (0 keeps them forever); dead letters never are
+    retention_archive_days: float = Field(default=7.0, ge=0)
+    retention_runs_days: float = Field(default=30.0, ge=0)
+    retention_results_days: float = Field(default=7.0, ge=0)
+    retention_interval_s: float = Field(default=600.0, gt=0)
+    retention_batch_size: int = Field(default=5000, ge=100, le=100_000)
+    # Fernet key(s) sealing stored secrets, comma-separated, the first seals (cipher.py); unset:
+    # <home>/secret.key, made on first use
+    secret_key: SecretStr | None = None
+
     @field_validator("queues")
     @classmethod
     def _known_queues(cls, queues: tuple[str, ...]) -> tuple[str, ...]:
@@ -113,6 +125,10 @@ class Settings(BaseModel):
     def intake_limits(self) -> IntakeLimits:
         return IntakeLimits(max_payload_bytes=self.max_payload_bytes, max_headers_bytes=self.max_headers_bytes,
                             max_depth=self.max_json_depth, max_number_length=self.max_number_length)
+
+    def secret_cipher(self) -> SecretCipher:
+        """The cipher of stored secrets: secret_key, else the key file <home>/secret.key (made on first use)."""
+        return SecretCipher(self.secret_key.get_secret_value() if self.secret_key else None, self.home / KEY_FILE)
 
     @property
     def sandboxes_dir(self) -> Path:

@@ -34,3 +34,13 @@ SELECT DISTINCT ON (provider, complexity) provider, complexity, version, models,
 FROM genesis.llm_config_versions
 WHERE %(provider)s::text IS NULL OR provider = %(provider)s
 ORDER BY provider, complexity, version DESC
+
+-- name: llm_settings_for_update
+-- Every stored LLM configuration's settings, locked, for re-sealing their secrets with the first key.
+SELECT provider, complexity, version, settings FROM genesis.llm_config_versions
+ORDER BY provider, complexity, version FOR UPDATE
+
+-- name: update_llm_settings
+-- Store one configuration version's re-sealed settings.
+UPDATE genesis.llm_config_versions SET settings = %(settings)s
+WHERE provider = %(provider)s AND complexity = %(complexity)s AND version = %(version)s

@@ -11,6 +11,7 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
 
+from genesis_pgflow.cipher import SecretCipher
 from genesis_pgflow.errors import InvalidPayload
 from genesis_pgflow.messages import (
     ID_FIELDS,
@@ -111,8 +112,10 @@ def _table(query: str, table: str) -> pgsql.Composed:
 class PgQueueStore:
     """QueueStore on PostgreSQL with pgmq; each method is one transaction of named queries."""
 
-    def __init__(self, db: Database, consumer: str, limits: IntakeLimits | None = None):
+    def __init__(self, db: Database, consumer: str, limits: IntakeLimits | None = None,
+                 cipher: SecretCipher | None = None):
         self.db = db
+        self.cipher = cipher    # seals the secrets of LLM configuration dead letters
         self.consumer = consumer
         self.limits = limits or IntakeLimits()
         self._listener: psycopg.Connection | None = None
@@ -182,7 +185,8 @@ class PgQueueStore:
             mine = [o for o in items if o.message.msg_id in archived]
             if not mine:
                 continue
-            dead = [o.message.body for o in mine if o.kind == "dead_letter"]
+            dead = [self.cipher.seal_dead_letter(queue, o.message.body) if self.cipher else o.message.body
+                    for o in mine if o.kind == "dead_letter"]
             with conn.pipeline():   # three statements, one round trip
                 conn.execute(sql("send_batch"), {"queue": result_queue(queue),
                                                  "messages": Jsonb([envelope(o, self.consumer) for o in mine])})

@@ -1,12 +1,19 @@
-"""The versioned state of RuleEngine and LlmConfigManager: rules and LLM configurations."""
+"""The versioned state of RuleEngine and LlmConfigManager: rules and LLM configurations.
+
+The secrets of an LLM configuration's `settings` are stored sealed (cipher.SecretCipher) and opened
+only here, on the way out: a DBA reading genesis.llm_config_versions sees
+`genesis-sealed:v1:...` strings where the api_key and tokens were. A sealed value arriving in a
+request (a dead letter requeued from a dump of this table, say) is opened before it is compared.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 from psycopg.types.json import Jsonb
 
+from genesis_pgflow.cipher import SecretCipher
 from genesis_pgflow.store.database import Conn, Database, one
 from genesis_pgflow.store.queries import sql
 
@@ -60,8 +67,18 @@ def same_config(active: dict[str, Any] | None, config: LlmConfig) -> bool:
 
 
 class PgStateStore:
-    def __init__(self, db: Database):
+    """StateStore on PostgreSQL. Without a cipher (tests of other concerns) settings are stored as
+    given; App always passes the configured one."""
+
+    def __init__(self, db: Database, cipher: SecretCipher | None = None):
         self.db = db
+        self.cipher = cipher
+
+    def _sealed(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return self.cipher.seal_secrets(settings) if self.cipher else settings
+
+    def _opened(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, "settings": self.cipher.open_secrets(row["settings"])} if self.cipher else row
 
     def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
         def tx(conn: Conn) -> tuple[Applied, int]:
@@ -79,18 +96,40 @@ class PgStateStore:
         return self.db.run(lambda conn: conn.execute(sql("list_active_rules"), {"namespace": namespace}).fetchall())
 
     def apply_llm_config(self, config: LlmConfig, workflow_id: str) -> tuple[Applied, int]:
+        if self.cipher:
+            config = replace(config, settings=self.cipher.open_secrets(config.settings))
+
         def tx(conn: Conn) -> tuple[Applied, int]:
             conn.execute(sql("lock_key"), {"key": f"llm:{config.provider}:{config.complexity}"})
             active = conn.execute(sql("active_llm_config"), vars(config)).fetchone()
-            if active is not None and same_config(active, config):
+            if active is not None and same_config(self._opened(active), config):
                 return "unchanged", active["version"]
             version = (active["version"] if active else 0) + 1
             conn.execute(sql("insert_llm_config"), {
                 "provider": config.provider, "complexity": config.complexity, "version": version,
                 "models": Jsonb(config.models), "task_types": Jsonb(config.task_types),
-                "settings": Jsonb(config.settings), "workflow_id": workflow_id})
+                "settings": Jsonb(self._sealed(config.settings)), "workflow_id": workflow_id})
             return "applied", version
         return self.db.run(tx)
 
     def llm_configs(self, provider: str | None = None) -> list[dict[str, Any]]:
-        return self.db.run(lambda conn: conn.execute(sql("list_llm_configs"), {"provider": provider}).fetchall())
+        """Settings opened: the caller redacts them for display."""
+        rows = self.db.run(lambda conn: conn.execute(sql("list_llm_configs"), {"provider": provider}).fetchall())
+        return [self._opened(row) for row in rows]
+
+    def reseal_llm_settings(self) -> int:
+        """`genesis secrets rotate`: every stored settings' secrets sealed with the first key (plain
+        ones stored before sealing too), in one transaction; returns how many rows changed."""
+        if self.cipher is None:
+            raise ValueError("reseal_llm_settings needs a cipher")
+        cipher = self.cipher
+
+        def tx(conn: Conn) -> int:
+            changed = 0
+            for row in conn.execute(sql("llm_settings_for_update")).fetchall():
+                settings = cipher.reseal_secrets(row["settings"])
+                if settings != row["settings"]:
+                    conn.execute(sql("update_llm_settings"), {**row, "settings": Jsonb(settings)})
+                    changed += 1
+            return changed
+        return self.db.run(tx)
