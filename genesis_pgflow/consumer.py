@@ -587,8 +587,13 @@ class Consumer:
             for name, interval, job in self.periodic:
                 if now >= due[name]:
                     due[name] = now + interval
+                    if self.outage.down:       # it would fail too; the loop reports the outage
+                        continue
                     try:
                         job()
-                    except Exception:  # noqa: BLE001 - a failing maintenance job must not stop consuming
-                        log.exception("periodic job %s failed", name)
+                    except Exception as exc:  # noqa: BLE001 - a failing maintenance job must not stop consuming
+                        if isinstance(exc, StoreError) and is_transient(exc):
+                            log.warning("periodic job %s skipped: database unavailable (%s)", name, first_line(exc))
+                        else:
+                            log.exception("periodic job %s failed", name)
             self.stopping.wait(max(0.1, min(due.values()) - self.monotonic()))

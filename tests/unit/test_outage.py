@@ -308,3 +308,42 @@ def test_shutdown_during_an_outage_does_not_wait_on_the_database(clock, caplog):
     assert lines(caplog, contains="database unavailable at shutdown") == [
         "database unavailable at shutdown: 0 outcome(s) not stored, 1 message(s) not given back; "
         "they come back when their lease expires"]
+
+
+def _periodic_once(consumer: Consumer) -> None:
+    """Run the scheduler through its first round (every job is due at once with rand 0)."""
+    looks = []
+    clock = consumer.monotonic
+    consumer.monotonic = lambda: (looks.append(1), clock())[1]
+    thread = threading.Thread(target=consumer._run_periodic)
+    thread.start()
+    wait_until(lambda: len(looks) >= 3, what="the scheduler past its first round")
+    consumer.stopping.set()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_a_periodic_job_meeting_an_outage_logs_one_line_without_a_traceback(store, clock, caplog):
+    calls = []
+
+    def heartbeat():
+        calls.append(1)
+        raise REFUSED
+
+    consumer = make(store, clock)
+    consumer.periodic = [("heartbeat", 5.0, heartbeat)]
+    _periodic_once(consumer)
+    assert calls == [1]
+    records = [r for r in caplog.records if "periodic job" in r.getMessage()]
+    assert [r.getMessage() for r in records] == [
+        "periodic job heartbeat skipped: database unavailable (connection failed: connection refused)"]
+    assert records[0].exc_info is None
+
+
+def test_periodic_jobs_wait_while_the_database_is_away(store, clock):
+    calls = []
+    consumer = make(store, clock)
+    consumer.periodic = [("heartbeat", 5.0, lambda: calls.append(1))]
+    consumer.outage.failed(REFUSED)
+    _periodic_once(consumer)
+    assert calls == []
