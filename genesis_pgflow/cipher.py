@@ -46,7 +46,7 @@ def is_sealed(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(SEALED_PREFIX)
 
 
-def _parse_keys(text: str, source: str) -> list[bytes]:
+def parse_keys(text: str, source: str) -> list[bytes]:
     """Fernet keys from comma-separated text; an unusable one is named by its position, never shown."""
     keys = []
     for position, raw in enumerate((part.strip() for part in text.split(",")), start=1):
@@ -81,7 +81,7 @@ def key_file_keys(path: Path) -> list[bytes]:
                 out.write(new_key() + "\n")
             log.warning("no GENESIS_SECRET_KEY configured: generated a secret key into %s (keep it, and back it "
                         "up: the stored secrets cannot be read without it)", path)
-    return _parse_keys(path.read_text(encoding="ascii"), str(path))
+    return parse_keys(path.read_text(encoding="ascii"), str(path))
 
 
 class SecretCipher:
@@ -103,7 +103,7 @@ class SecretCipher:
         with self._lock:
             if self._fernet is None:
                 if self._configured:
-                    keys = _parse_keys(self._configured, "GENESIS_SECRET_KEY")
+                    keys = parse_keys(self._configured, "GENESIS_SECRET_KEY")
                 else:
                     assert self._key_file is not None
                     keys = key_file_keys(self._key_file)

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from genesis_pgflow.cipher import KEY_FILE, SecretCipher
+from genesis_pgflow.cipher import KEY_FILE, SecretCipher, parse_keys
 from genesis_pgflow.messages import REQUEST_QUEUES, IntakeLimits
 
 ROOT_HOME = Path("/var/lib/genesis")
@@ -120,6 +120,14 @@ class Settings(BaseModel):
         if not queues:
             raise ValueError("at least one queue is needed")
         return tuple(dict.fromkeys(queues))
+
+    @field_validator("secret_key")
+    @classmethod
+    def _usable_keys(cls, key: SecretStr | None) -> SecretStr | None:
+        """At start, not at the first secret: raises cipher.SecretKeyError naming the key's position, never the key."""
+        if key is not None:
+            parse_keys(key.get_secret_value(), "GENESIS_SECRET_KEY")
+        return key
 
     @property
     def intake_limits(self) -> IntakeLimits:

@@ -173,7 +173,11 @@ def test_without_a_configured_key_one_is_made_in_the_home_and_kept(genesis_home:
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert str(key_file) in caplog.text and key_file.read_text().strip() not in caplog.text
     assert Settings(home=home).secret_cipher().open(sealed) == {"k": 1}, "the next process reads the same key"
-    assert "hidden" in repr(cipher) and key_file.read_text().strip() not in repr(Settings(home=home, secret_key="x"))
+    configured = Fernet.generate_key().decode()
+    assert "hidden" in repr(cipher) and configured not in repr(Settings(home=home, secret_key=configured))
+    with pytest.raises(SecretKeyError, match="GENESIS_SECRET_KEY: key 2 is not a Fernet key") as caught:
+        Settings(home=home, secret_key=f"{configured},short")
+    assert "short" not in str(caught.value) and configured not in str(caught.value)
 
 
 def test_the_sql_redaction_agrees_with_messages_redact(db_dsn: str) -> None:
