@@ -471,10 +471,7 @@ def _where(app: App) -> dict[str, Any]:
 
 
 def _status_json(app: App) -> dict[str, Any]:
-    status = PgAdminStore(app.db).status()
-    for row in status["consumers"]:
-        row.pop("heartbeat_s", None)
-    return {"database": _where(app), **status}
+    return {"database": _where(app), **PgAdminStore(app.db).status()}
 
 
 def _status_text(status: dict[str, Any]) -> str:

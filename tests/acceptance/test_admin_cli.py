@@ -5,6 +5,7 @@ consumers, --dsn anywhere, --version, and a closed pipe."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -241,3 +242,22 @@ def test_consumers_shows_a_live_consumer_and_a_killed_one_as_gone(env: dict[str,
     keeper.proc.terminate()
     assert keeper.wait(timeout=30) == 0, keeper.stderr()
     assert listed()[str(keeper.proc.pid)]["state"] == "stopped"
+
+
+@pytest.mark.db
+def test_status_watch_redraws_in_place_until_ctrl_c(env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "watch.out"
+    with out.open("w") as stdout:
+        proc = subprocess.Popen([str(GENESIS), "status", "--watch", "--interval", "0.2"], env=env, stdout=stdout,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: out.read_text().count("\x1b[H\x1b[2J") >= 2, 60, what="two redraws")
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    assert proc.returncode == 0 and stderr == ""
+    frame = out.read_text().split("\x1b[H\x1b[2J")[1]   # complete: another redraw followed it
+    assert "Ctrl-C to stop" in frame and "\ndatabase: " in frame and RULES in frame
