@@ -33,7 +33,7 @@ from .server import ThrowawayServer
 RULES, RULES_RESULTS = "genesis_rule_updates", "genesis_rule_updates_results"
 CODE, CODE_RESULTS = "code_execution_requests", "code_execution_results"
 TEMPLATE = "genesis_faults_template"
-APP = "genesis"    # the consumer's application_name, when it sets one (pg_stat_activity)
+TEST_APP = "genesis-faults-test"   # the application_name of the test's own sessions, left out of counts
 
 
 def rule(i: int | str) -> dict[str, Any]:
@@ -77,7 +77,8 @@ class FaultDb:
         return self.server.dsn(self.name, port=str(proxy.port))
 
     def sql(self, statement: str, params: Any = None) -> list[dict[str, Any]]:
-        with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row, connect_timeout=10) as conn:
+        with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row, connect_timeout=10,
+                             application_name=TEST_APP) as conn:
             cur = conn.execute(statement, params)
             return cur.fetchall() if cur.description else []
 
@@ -114,11 +115,16 @@ class FaultDb:
         return int(self.scalar(f"SELECT count(*) FROM pgmq.q_{queue} WHERE vt > clock_timestamp()"))
 
     def sessions(self, state: str | None = None) -> list[dict[str, Any]]:
-        """Other client sessions on this database (pg_stat_activity), optionally in one state."""
+        """The client sessions on this database but the test's own (pg_stat_activity), optionally
+        in one state."""
         return self.sql("SELECT pid, state, application_name, query FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                        "WHERE datname = current_database() AND application_name <> %s "
                         "AND backend_type = 'client backend' AND (%s::text IS NULL OR state = %s::text)",
-                        (state, state))
+                        (TEST_APP, state, state))
+
+    def terminate_backends(self) -> int:
+        """pg_terminate_backend on every session of this database but the test's own."""
+        return self.server.terminate_backends(self.name, spare_application=TEST_APP)
 
     def check(self) -> None:
         """The invariants of every request this test sent (and that nothing else was archived)."""

@@ -60,11 +60,14 @@ def violations(dsn: str, sent: Mapping[str, Iterable[int]] | None = None) -> lis
 
             run_count = Counter(msg_id for msg_id, _status in runs)
             status = {msg_id: s for msg_id, s in runs}
-            for msg_id in sorted(expected):
-                if run_count[msg_id] != 1:
-                    found.append(f"{queue}/{msg_id}: {run_count[msg_id]} run row(s), not 1")
-                elif status[msg_id] not in ("completed", "failed"):
-                    found.append(f"{queue}/{msg_id}: run row left {status[msg_id]!r}")
+            rowless = [m for m in sorted(expected) if run_count[m] != 1]
+            if rowless:
+                found.append(f"{queue}: {len(rowless)} request(s) without exactly one run row: "
+                             + ", ".join(f"{m} ({run_count[m]})" for m in rowless[:10]))
+            open_runs = [m for m in sorted(expected) if run_count[m] == 1 and status[m] not in ("completed", "failed")]
+            if open_runs:
+                found.append(f"{queue}: {len(open_runs)} run row(s) not terminal: "
+                             + ", ".join(f"{m} ({status[m]})" for m in open_runs[:10]))
             answered_status = {m: s for q, m, s, _c in answers if q == queue}
             mismatched = [m for m in expected if m in answered_status and m in status
                           and answered_status[m] != status[m]]

@@ -6,7 +6,7 @@ The shared server on 5432 is never touched here: these tests stop and restart th
     server = ThrowawayServer.create()          # initdb + start
     server.dsn("postgres")                      # key/value DSN to one database
     server.stop("immediate"); server.start()    # or server.restart("fast")
-    server.terminate_backends("db", application_name="genesis")
+    server.terminate_backends("db", spare_application="my-test")
     server.destroy()
 """
 
@@ -159,12 +159,12 @@ class ThrowawayServer:
             cur = conn.execute(statement, params)  # type: ignore[arg-type]
             return cur.fetchall() if cur.description else []
 
-    def terminate_backends(self, dbname: str, application_name: str | None = None) -> int:
-        """pg_terminate_backend on every other session of a database (or of one application
-        there); returns how many were terminated."""
+    def terminate_backends(self, dbname: str, spare_application: str | None = None) -> int:
+        """pg_terminate_backend on every other client session of a database but those of
+        spare_application (e.g. the test's own); returns how many were terminated."""
         rows = self.execute(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE datname = %s AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
-            "AND (%s::text IS NULL OR application_name = %s::text)",
-            (dbname, application_name, application_name))
+            "AND application_name IS DISTINCT FROM %s::text",
+            (dbname, spare_application))
         return int(rows[0][0])

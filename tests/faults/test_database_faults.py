@@ -48,7 +48,7 @@ def test_backends_terminated_mid_batch_three_times(parallel: int, fault_db: Faul
     terminated = 0
     for round_ in range(1, 4):
         wait_until(lambda n=round_ * 150: fault_db.answered() >= n, timeout=120, what=f"{round_ * 150} answers")
-        terminated += fault_db.server.terminate_backends(fault_db.name)
+        terminated += fault_db.terminate_backends()
     assert terminated >= 3
     fault_db.wait_answered(ids)
     assert consumer.running(), consumer.stderr()
@@ -61,7 +61,7 @@ def test_backends_terminated_while_idle_then_a_message_is_answered(fault_db: Fau
     consumer = _start(consumers, fault_db, genesis_home)
     fault_db.wait_answered(fault_db.send_rules(1))
     _wait_idle(fault_db)
-    assert fault_db.server.terminate_backends(fault_db.name) >= 2     # the LISTEN session and a pooled one
+    assert fault_db.terminate_backends() >= 2     # the LISTEN session and a pooled one
 
     fault_db.wait_answered(fault_db.send_rules(1, start=1), timeout=RECOVERY_BOUND_S)
     assert consumer.running(), consumer.stderr()
@@ -123,7 +123,7 @@ def test_read_only_database_is_waited_out(fault_db: FaultDb, consumers: Consumer
     consumer = _start(consumers, fault_db, genesis_home)
     fault_db.wait_answered(fault_db.send_rules(1))
     fault_db.server.execute(f'ALTER DATABASE "{fault_db.name}" SET default_transaction_read_only = on')
-    fault_db.server.terminate_backends(fault_db.name)        # new sessions pick the setting up
+    fault_db.terminate_backends()        # new sessions pick the setting up
     ids = _send_bypassing_read_only(fault_db)
     # the consumer meets the refusal: its read (which records the run) fails with read_only_sql_transaction
     wait_until(lambda: "read-only" in consumer.stderr() or "read only" in consumer.stderr()
@@ -131,7 +131,7 @@ def test_read_only_database_is_waited_out(fault_db: FaultDb, consumers: Consumer
     assert consumer.running(), f"the consumer exited on a refused write:\n{consumer.stderr()}"
 
     fault_db.server.execute(f'ALTER DATABASE "{fault_db.name}" RESET default_transaction_read_only')
-    fault_db.server.terminate_backends(fault_db.name)
+    fault_db.terminate_backends()
     fault_db.wait_answered(ids, timeout=RECOVERY_BOUND_S * 3)
     assert consumer.running(), consumer.stderr()
     _stop(consumer)
