@@ -11,6 +11,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from genesis_pgflow.app import App
+from genesis_pgflow.cli import admin_main
+from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.retention import RETENTION_JOB, PgRetention, RetentionPolicy
 
@@ -134,6 +137,8 @@ def test_one_pruner_at_a_time(db_dsn: str, db: Database) -> None:
         report = PgRetention(db).prune(RetentionPolicy())
         assert not report.ran and report.total == 0
         assert count(db_dsn, f"pgmq.a_{RULES}") == 10
+        # released in this session, not by closing it (the server ends a closed session when it gets to it)
+        other.execute("SELECT pg_advisory_unlock(hashtext('genesis.maintenance'), hashtext(%s))", (RETENTION_JOB,))
     assert PgRetention(db).prune(RetentionPolicy()).deleted[f"pgmq.a_{RULES}"] == 10
 
 
@@ -194,3 +199,32 @@ def test_a_busy_database_is_pruned_while_a_consumer_keeps_archiving(db_dsn: str,
           f"{during} consumer transactions meanwhile; bytes before {before[f'pgmq.a_{RULES}']:,} (archive) "
           f"{before['genesis.workflow_runs']:,} (runs), after {after[f'pgmq.a_{RULES}']:,} / "
           f"{after['genesis.workflow_runs']:,} (space reused, not returned, until VACUUM FULL)")
+
+
+def test_genesis_prune_on_the_command_line(db_dsn: str, genesis_home: Any, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    archive_rows(db_dsn, 30, age="10 days")
+    run_rows(db_dsn, 20, age="40 days")
+    monkeypatch.setenv("GENESIS_HOME", str(genesis_home))
+    monkeypatch.setenv("GENESIS_RETENTION_RUNS_DAYS", "0")      # keep runs forever
+    assert admin_main(["--dsn", db_dsn, "prune", "--dry-run", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["dry_run"] and planned["total"] == 30 and planned["cutoffs"]["runs"] is None
+    assert count(db_dsn, f"pgmq.a_{RULES}") == 30
+    assert admin_main(["prune", "--dsn", db_dsn]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("deleted 30 row(s)") and f"pgmq.a_{RULES}: 30" in out
+    assert count(db_dsn, f"pgmq.a_{RULES}") == 0 and count(db_dsn, "genesis.workflow_runs") == 20
+
+
+def test_every_consumer_schedules_the_prune(db_dsn: str, genesis_home: Any) -> None:
+    archive_rows(db_dsn, 10, age="10 days")
+    app = App.open(Settings(dsn=db_dsn, home=genesis_home, retention_interval_s=3600))
+    try:
+        jobs = {name: (interval, job) for name, interval, job in app.consumer().periodic}
+        interval, job = jobs[RETENTION_JOB]
+        assert interval == 3600
+        report = job()
+        assert report.ran and report.deleted[f"pgmq.a_{RULES}"] == 10
+    finally:
+        app.close()
