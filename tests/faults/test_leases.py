@@ -20,12 +20,13 @@ pytestmark = [pytest.mark.faults, pytest.mark.db]
 FAST = ("--poll-interval-ms", "100", "--no-migrate")
 
 
+@pytest.mark.slow
 def test_a_stalled_consumer_loses_its_lease_to_another_and_nothing_is_answered_twice(
         fault_db: FaultDb, consumers: Consumers, genesis_home) -> None:
     """Consumer A is frozen (SIGSTOP: a GC pause, a stalled VM) while it holds leases, so it cannot
     renew them; they expire and consumer B answers those requests. When A thaws, its late
     outcomes must not publish a second result."""
-    ids = fault_db.send_rules(3000)
+    ids = fault_db.send_rules(1500)
     env = cli_env(genesis_home, fault_db.dsn, GENESIS_LEASE_S="2")
     a = consumers.start(*FAST, "--queues", RULES, "--parallel", "4", "--batch-size", "100", env=env)
     wait_until(lambda: fault_db.answered() >= 100, timeout=60, what="A to be under way")

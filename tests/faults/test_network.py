@@ -45,6 +45,7 @@ def _final_line(consumer: Consumer) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["cut", "blackhole"])
 def test_an_outage_past_the_budget_exits_2_with_one_line(fault: str, fault_db: FaultDb, proxy: Proxy,
                                                          consumers: Consumers, genesis_home) -> None:
