@@ -656,5 +656,7 @@ def _prune(app: App, args: argparse.Namespace) -> int:
 
 
 def _secrets_rotate(app: App, args: argparse.Namespace) -> int:
-    print(f"re-sealed the secrets of {app.state.reseal_llm_settings()} stored LLM configuration(s) with the first key")
+    changed = app.state.reseal_secrets()
+    print(f"re-sealed with the first key: the secrets of {changed['configurations']} stored LLM configuration(s) "
+          f"and {changed['dead_letters']} dead letter(s)")
     return EXIT_OK

@@ -44,3 +44,11 @@ ORDER BY provider, complexity, version FOR UPDATE
 -- Store one configuration version's re-sealed settings.
 UPDATE genesis.llm_config_versions SET settings = %(settings)s
 WHERE provider = %(provider)s AND complexity = %(complexity)s AND version = %(version)s
+
+-- name: sealed_dead_letters_for_update
+-- The dead letters of one queue whose secrets are sealed, locked (skipping any being requeued), for re-sealing.
+SELECT msg_id, message FROM pgmq.{table} ORDER BY msg_id FOR UPDATE SKIP LOCKED
+
+-- name: update_sealed_dead_letter
+-- Store one dead letter's re-sealed body.
+UPDATE pgmq.{table} SET message = %(message)s WHERE msg_id = %(msg_id)s

@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
+from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
 
-from genesis_pgflow.cipher import SecretCipher
+from genesis_pgflow.cipher import SEALED_DEAD_LETTERS, SecretCipher
+from genesis_pgflow.messages import dead_letter_queue
 from genesis_pgflow.store.database import Conn, Database, one
 from genesis_pgflow.store.queries import sql
 
@@ -117,19 +119,28 @@ class PgStateStore:
         rows = self.db.run(lambda conn: conn.execute(sql("list_llm_configs"), {"provider": provider}).fetchall())
         return [self._opened(row) for row in rows]
 
-    def reseal_llm_settings(self) -> int:
-        """`genesis secrets rotate`: every stored settings' secrets sealed with the first key (plain
-        ones stored before sealing too), in one transaction; returns how many rows changed."""
+    def reseal_secrets(self) -> dict[str, int]:
+        """`genesis secrets rotate`: the secrets of every stored configuration (plain ones stored
+        before sealing too) and of every LLM configuration dead letter sealed with the first key,
+        in one transaction; returns how many of each changed."""
         if self.cipher is None:
-            raise ValueError("reseal_llm_settings needs a cipher")
+            raise ValueError("reseal_secrets needs a cipher")
         cipher = self.cipher
+        dlqs = [pgsql.Identifier(f"q_{dead_letter_queue(q)}") for q in sorted(SEALED_DEAD_LETTERS)]
 
-        def tx(conn: Conn) -> int:
-            changed = 0
+        def tx(conn: Conn) -> dict[str, int]:
+            changed = {"configurations": 0, "dead_letters": 0}
             for row in conn.execute(sql("llm_settings_for_update")).fetchall():
                 settings = cipher.reseal_secrets(row["settings"])
                 if settings != row["settings"]:
                     conn.execute(sql("update_llm_settings"), {**row, "settings": Jsonb(settings)})
-                    changed += 1
+                    changed["configurations"] += 1
+            for dlq in dlqs:
+                update = pgsql.SQL(sql("update_sealed_dead_letter")).format(table=dlq)
+                for row in conn.execute(pgsql.SQL(sql("sealed_dead_letters_for_update")).format(table=dlq)).fetchall():
+                    message = cipher.reseal_secrets(row["message"])
+                    if message != row["message"]:
+                        conn.execute(update, {"msg_id": row["msg_id"], "message": Jsonb(message)})
+                        changed["dead_letters"] += 1
             return changed
         return self.db.run(tx)

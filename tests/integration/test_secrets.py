@@ -146,12 +146,19 @@ def test_rotation_with_two_keys_and_plain_rows_from_before(db_dsn: str, genesis_
     query(db_dsn, """INSERT INTO genesis.llm_config_versions (provider, complexity, version, models, settings)
                      VALUES ('gemini', 'simple', 1, '["flash"]', %s::jsonb)""", (json.dumps({"token": legacy}),))
     assert tables_holding(db_dsn, legacy) == ['genesis."llm_config_versions"']
+    # a dead letter sealed with the old key
+    letter = SecretCipher(old).seal_dead_letter(LLM, llm_update(secret, complexity="simple"))
+    query(db_dsn, "SELECT pgmq.send(%s, %s::jsonb)", (LLM_DLQ, json.dumps(letter)))
 
     monkeypatch.setenv("GENESIS_HOME", str(genesis_home))
     monkeypatch.setenv("GENESIS_SECRET_KEY", f"{new},{old}")
     assert admin_main(["--dsn", db_dsn, "secrets", "rotate"]) == 0
-    assert "re-sealed the secrets of 2 stored" in capsys.readouterr().out
+    assert "the secrets of 2 stored LLM configuration(s) and 1 dead letter(s)" in capsys.readouterr().out
     assert tables_holding(db_dsn, legacy) == []
+    [resealed] = query(db_dsn, f"SELECT message FROM pgmq.q_{LLM_DLQ}")
+    assert SecretCipher(new).open_secrets(resealed["message"]) == llm_update(secret, complexity="simple")
+    with pytest.raises(SecretKeyError):
+        SecretCipher(old).open_secrets(resealed["message"])
 
     with Database(db_dsn) as db:
         db.open()
