@@ -126,10 +126,16 @@ class SecretCipher:
         try:
             plain = self._keys().decrypt(str(value)[len(SEALED_PREFIX):].encode("ascii"))
         except (InvalidToken, UnicodeEncodeError):
-            raise SecretKeyError("a stored secret cannot be decrypted with the configured key(s): the key it was "
-                                 "sealed with is not in GENESIS_SECRET_KEY (or the key file), or the value is "
-                                 "damaged") from None
+            raise SecretKeyError(self._mismatch()) from None
         return json.loads(plain)
+
+    def _mismatch(self) -> str:
+        if self._configured:
+            return ("a stored secret cannot be decrypted with the configured key(s): the key it was sealed with is "
+                    "not in GENESIS_SECRET_KEY, or the value is damaged")
+        # the usual cause: consumers on several hosts, each with a key file of its own
+        return (f"a stored secret cannot be decrypted with the key in {self._key_file}: it was sealed with another "
+                f"key (another host's key file?); give every consumer the same GENESIS_SECRET_KEY")
 
     def reseal(self, value: Any) -> Any:
         """A sealed string sealed again with the first key; a plain value sealed for the first time."""

@@ -180,6 +180,9 @@ def test_without_a_configured_key_one_is_made_in_the_home_and_kept(genesis_home:
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert str(key_file) in caplog.text and key_file.read_text().strip() not in caplog.text
     assert Settings(home=home).secret_cipher().open(sealed) == {"k": 1}, "the next process reads the same key"
+    other_host = Settings(home=genesis_home / "other-host").secret_cipher()
+    with pytest.raises(SecretKeyError, match="another host's key file.*same GENESIS_SECRET_KEY"):
+        other_host.open(sealed)
     configured = Fernet.generate_key().decode()
     assert "hidden" in repr(cipher) and configured not in repr(Settings(home=home, secret_key=configured))
     with pytest.raises(SecretKeyError, match="GENESIS_SECRET_KEY: key 2 is not a Fernet key") as caught:
