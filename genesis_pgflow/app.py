@@ -46,7 +46,7 @@ def build_handlers(settings: Settings, state: StateStore, experiments: Experimen
     handlers: list[Handler] = [
         RuleEngine(state, settings.min_rule_confidence),
         LlmConfigManager(state),
-        JobExecutor(sandbox),
+        JobExecutor(sandbox, tools_dir=settings.npm_tools_dir),
         ExperimentRunner(settings, experiments, sandbox),
     ]
     return {h.payload_type: h for h in handlers}

@@ -33,6 +33,8 @@ class Settings(BaseModel):
 
     dsn: str | None = None
     home: Path = Field(default_factory=lambda: default_home(os.environ))
+    # npm tools of the analysers (Biome, TypeScript); see npm_tools_dir
+    tools_dir: Path | None = None
     parallel: int = Field(default=4, ge=1, le=256)
     batch_size: int = Field(default=10, ge=1, le=1000)
     poll_interval_ms: int = Field(default=1000, ge=10)
@@ -141,6 +143,15 @@ class Settings(BaseModel):
     @property
     def sandboxes_dir(self) -> Path:
         return self.home / "sandboxes"
+
+    @property
+    def npm_tools_dir(self) -> Path:
+        """Where Biome and TypeScript are installed (scripts/system-deps.sh): GENESIS_TOOLS_DIR, else
+        the checkout's .tools/ when running from one, else <home>/tools."""
+        if self.tools_dir is not None:
+            return self.tools_dir
+        checkout = Path(__file__).resolve().parents[1] / ".tools"
+        return checkout if checkout.is_dir() else self.home / "tools"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -7,12 +7,12 @@
 #   python3-pytest      pytest for the sandbox's /usr/bin/python3
 #   nodejs              JavaScript/TypeScript tests (`node --test`) and the npm tools below
 #   npm tools           Biome (linting) and TypeScript (parser for the JS/TS security rules),
-#                       installed with npm into <repo>/.tools/
+#                       installed with npm into $GENESIS_TOOLS_DIR (default <repo>/.tools/)
 # Idempotent: exits 0 at once when everything is present. Run as root (or with sudo).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-tools="$repo/.tools"
+tools="${GENESIS_TOOLS_DIR:-$repo/.tools}"
 biome_version="2.3.8"
 typescript_version="5.9.3"
 

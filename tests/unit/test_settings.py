@@ -33,3 +33,11 @@ def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ValidationError) as info:
         Settings.from_env({}, **overrides)
     assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_the_npm_tools_are_found_wherever_the_package_is_installed(tmp_path):
+    explicit = Settings.from_env({"GENESIS_TOOLS_DIR": str(tmp_path / "tools"), "GENESIS_HOME": str(tmp_path)})
+    assert explicit.npm_tools_dir == tmp_path / "tools"
+    default = Settings.from_env({"GENESIS_HOME": str(tmp_path)})
+    checkout_tools = Path(__file__).resolve().parents[2] / ".tools"
+    assert default.npm_tools_dir == (checkout_tools if checkout_tools.is_dir() else tmp_path / "tools")
