@@ -13,7 +13,7 @@ from genesis_pgflow.messages import QUEUES, dead_letter_queue
 
 
 def _rows(conn: psycopg.Connection, statement: str) -> list[tuple]:
-    return conn.execute(statement).fetchall()  # type: ignore[arg-type]
+    return conn.execute(statement).fetchall()
 
 
 def violations(dsn: str, sent: Mapping[str, Iterable[int]] | None = None) -> list[str]:

@@ -50,7 +50,7 @@ class Proxy:
         self._links: set[_Link] = set()
         self._stopped = False
         self.accepted = 0           # connections accepted since the start (for assertions)
-        self._listener = self._listen(0)
+        self._listener: socket.socket | None = self._listen(0)
         self.port: int = self._listener.getsockname()[1]
         self._acceptor = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
         self._acceptor.start()

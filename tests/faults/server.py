@@ -19,7 +19,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -154,9 +156,9 @@ class ThrowawayServer:
         parts = {"host": "127.0.0.1", "port": str(self.port), "user": "postgres", "dbname": dbname, **extra}
         return " ".join(f"{k}={v}" for k, v in parts.items())
 
-    def execute(self, statement: str, params: object = None, dbname: str = "postgres") -> list[tuple]:
+    def execute(self, statement: str, params: Sequence[Any] | None = None, dbname: str = "postgres") -> list[tuple]:
         with psycopg.connect(self.dsn(dbname), autocommit=True, connect_timeout=10) as conn:
-            cur = conn.execute(statement, params)  # type: ignore[arg-type]
+            cur = conn.execute(statement, params)
             return cur.fetchall() if cur.description else []
 
     def terminate_backends(self, dbname: str, spare_application: str | None = None) -> int:
