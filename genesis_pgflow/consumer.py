@@ -440,9 +440,10 @@ class Consumer:
         Raises DatabaseUnavailable once the database has been away for longer than max_outage_s."""
         self._listener = threading.Thread(target=self._listen, name="genesis-listen", daemon=True)
         self._listener.start()
-        scheduler = threading.Thread(target=self._run_periodic, name="genesis-periodic", daemon=True)
-        if self.periodic:
-            scheduler.start()
+        # each periodic job on a thread of its own: a long cleanup or prune never delays the heartbeat
+        for name, interval, job in self.periodic:
+            threading.Thread(target=self._run_periodic, args=(name, interval, job), name=f"genesis-{name}",
+                             daemon=True).start()
         gave_up = False
         try:
             while not self.stopping.is_set():
@@ -580,15 +581,14 @@ class Consumer:
             if woke:
                 self.wakeup.set()
 
-    def _run_periodic(self) -> None:
-        due = {name: self.monotonic() + interval * self.rand() * 0.1 for name, interval, _ in self.periodic}
+    def _run_periodic(self, name: str, interval: float, job: Callable[[], object]) -> None:
+        """Run one periodic job every interval (the first time after a random tenth of it) until stop."""
+        due = self.monotonic() + interval * self.rand() * 0.1
         while not self.stopping.is_set():
             now = self.monotonic()
-            for name, interval, job in self.periodic:
-                if now >= due[name]:
-                    due[name] = now + interval
-                    if self.outage.down:       # it would fail too; the loop reports the outage
-                        continue
+            if now >= due:
+                due = now + interval
+                if not self.outage.down:       # it would fail too; the loop reports the outage
                     try:
                         job()
                     except Exception as exc:  # noqa: BLE001 - a failing maintenance job must not stop consuming
@@ -596,4 +596,4 @@ class Consumer:
                             log.warning("periodic job %s skipped: database unavailable (%s)", name, first_line(exc))
                         else:
                             log.exception("periodic job %s failed", name)
-            self.stopping.wait(max(0.1, min(due.values()) - self.monotonic()))
+            self.stopping.wait(max(0.1, due - self.monotonic()))

@@ -315,12 +315,14 @@ def _periodic_once(consumer: Consumer) -> None:
     looks = []
     clock = consumer.monotonic
     consumer.monotonic = lambda: (looks.append(1), clock())[1]
-    thread = threading.Thread(target=consumer._run_periodic)
-    thread.start()
-    wait_until(lambda: len(looks) >= 3, what="the scheduler past its first round")
+    threads = [threading.Thread(target=consumer._run_periodic, args=job) for job in consumer.periodic]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(looks) >= 3 * len(threads), what="the scheduler past its first round")
     consumer.stopping.set()
-    thread.join(5)
-    assert not thread.is_alive()
+    for thread in threads:
+        thread.join(5)
+        assert not thread.is_alive()
 
 
 def test_a_periodic_job_meeting_an_outage_logs_one_line_without_a_traceback(store, clock, caplog):
@@ -347,3 +349,28 @@ def test_periodic_jobs_wait_while_the_database_is_away(store, clock):
     consumer.outage.failed(REFUSED)
     _periodic_once(consumer)
     assert calls == []
+
+
+def test_a_long_periodic_job_never_holds_up_the_heartbeat(store, clock):
+    """Each periodic job has a thread of its own: a prune still running does not delay the beat
+    that keeps this consumer from being shown as gone."""
+    prune_started, prune_may_end, beat = threading.Event(), threading.Event(), threading.Event()
+
+    def prune():
+        prune_started.set()
+        prune_may_end.wait(30)
+
+    consumer = make(store, clock)
+    consumer.periodic = [("prune", 60.0, prune), ("heartbeat", 5.0, beat.set)]
+    threads = [threading.Thread(target=consumer._run_periodic, args=job) for job in consumer.periodic]
+    for thread in threads:
+        thread.start()
+    try:
+        assert prune_started.wait(10)
+        assert beat.wait(10)
+        assert not prune_may_end.is_set()     # the beat came while the prune still held its thread
+    finally:
+        prune_may_end.set()
+        consumer.stopping.set()
+        for thread in threads:
+            thread.join(5)
