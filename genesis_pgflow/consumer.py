@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from genesis_pgflow.dispatcher import Dispatcher, Task
 from genesis_pgflow.errors import DatabaseUnavailable
 from genesis_pgflow.handlers.base import WorkContext
-from genesis_pgflow.messages import QUEUES, Outcome, ReadMessage
+from genesis_pgflow.messages import QUEUES, Outcome, ReadMessage, clip
 from genesis_pgflow.store.database import StoreError, first_line, is_transient
 from genesis_pgflow.store.queue import QueueStore
 
@@ -183,6 +183,18 @@ class Outage:
             self.since, self.attempts = None, 0
 
 
+def _log_outcome(outcome: Outcome) -> None:
+    m = outcome.message
+    fields = {"queue": m.queue, "msg_id": m.msg_id, "workflow_id": outcome.workflow_id, "type": clip(m.type),
+              "status": outcome.kind, "attempt": m.read_ct,
+              "duration_ms": round((outcome.finished_at - outcome.started_at).total_seconds() * 1000.0, 3)}
+    if outcome.error is None:
+        log.debug("%s %s/%s", outcome.kind, m.queue, m.msg_id, extra=fields)
+    else:
+        log.info("%s %s/%s: %s: %s", outcome.kind, m.queue, m.msg_id, outcome.error.code,
+                 clip(outcome.error.message, 300), extra={**fields, "code": outcome.error.code})
+
+
 class Consumer:
     def __init__(self, store: QueueStore, dispatcher: Dispatcher, options: ConsumerOptions, *,
                  monotonic: Callable[[], float] = time.monotonic, rand: Callable[[], float] = random.random,
@@ -206,6 +218,8 @@ class Consumer:
         self.finals: list[Outcome] = []     # to complete (result + archive + run) in one transaction
         self.retries: list[Outcome] = []
         self.stats = Stats()
+        # called with the outcomes stored (results written, retries scheduled): the metrics
+        self.observers: list[Callable[[Sequence[Outcome]], None]] = []
         self._rotation = 0
         self._next_renewal = monotonic() + options.lease_s / 3
         self._pending_since = 0.0
@@ -366,9 +380,14 @@ class Consumer:
         (self.retries if outcome.kind == "retry" else self.finals).append(outcome)
 
     def _count(self, outcomes: Sequence[Outcome]) -> None:
+        """Count what was stored, log it (a line per failure, a debug line per success) and tell
+        the observers."""
         for outcome in outcomes:
             self.stats.outcomes[outcome.kind] += 1
             self.stats.by_type[(outcome.message.type or "(none)", outcome.status)] += 1
+            _log_outcome(outcome)
+        for observe in self.observers:
+            observe(outcomes)
 
     # --- driving the loop -----------------------------------------------------------------
 

@@ -452,3 +452,15 @@ def envelope(outcome: Outcome, consumer: str) -> dict[str, Any]:
         "consumer": consumer,
     }
 
+
+def request_headers(outcome: Outcome) -> Any:
+    """The pgmq headers of a request as they came (a JSON object), else none."""
+    headers = outcome.message.headers
+    return redact(headers) if isinstance(headers, dict) else None
+
+
+def dead_letter_headers(outcome: Outcome) -> dict[str, Any]:
+    """What a dead letter's copy says of its original: where it was, how often it was read, and
+    its own headers (restored when it is requeued)."""
+    return {"original_queue": outcome.message.queue, "original_msg_id": outcome.message.msg_id,
+            "attempts": outcome.message.read_ct, "request_headers": request_headers(outcome)}

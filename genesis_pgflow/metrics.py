@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
@@ -23,11 +22,10 @@ from prometheus_client.registry import Collector
 from genesis_pgflow.app import App
 from genesis_pgflow.consumer import Consumer
 from genesis_pgflow.errors import ConfigurationError
-from genesis_pgflow.messages import QUEUES, Outcome, ReadMessage, all_queue_names
+from genesis_pgflow.messages import QUEUES, Outcome, all_queue_names
 from genesis_pgflow.store import schema
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.metrics import DatabaseProbe, DatabaseReading, PgDatabaseProbe, pool_figures
-from genesis_pgflow.store.queue import QueueStore
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +114,9 @@ class ConsumerMetrics(Collector):
         return metrics
 
     def watch(self) -> None:
-        """Have the consumer's store report what it stores to observe()."""
-        if not isinstance(self.consumer.store, ObservedQueueStore):
-            self.consumer.store = ObservedQueueStore(self.consumer.store, self.observe)
+        """Have the consumer report what it stores to observe()."""
+        if self.observe not in self.consumer.observers:
+            self.consumer.observers.append(self.observe)
 
     def close(self) -> None:
         if self.probe is not None:
@@ -310,49 +308,6 @@ class ConsumerMetrics(Collector):
             in_flight.add_metric([name], figures.in_flight)
             oldest.add_metric([name], figures.oldest_age_s or 0.0)
         yield from (depth, in_flight, oldest)
-
-
-class ObservedQueueStore:
-    """The consumer's QueueStore, telling observe() what it stored: complete() the outcomes it
-    applied (never one finished elsewhere), retry() every retry. It stands in for an observer hook
-    on the consumer itself."""
-
-    def __init__(self, inner: QueueStore, observe: Callable[[Sequence[Outcome]], None]):
-        self.inner = inner
-        self._observe = observe
-
-    def complete(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
-        applied = self.inner.complete(outcomes)
-        self._observe(applied)
-        return applied
-
-    def retry(self, outcomes: Sequence[Outcome]) -> None:
-        self.inner.retry(outcomes)
-        self._observe(outcomes)
-
-    def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
-        return self.inner.read(queue, qty, lease_s)
-
-    def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:
-        return self.inner.extend_leases(queue, msg_ids, lease_s)
-
-    def release(self, queue: str, msg_ids: Sequence[int]) -> None:
-        self.inner.release(queue, msg_ids)
-
-    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
-        return self.inner.wait_for_messages(queues, timeout_s)
-
-    def send(self, queue: str, body: Any) -> int:
-        return self.inner.send(queue, body)
-
-    def depth(self, queues: Sequence[str]) -> int:
-        return self.inner.depth(queues)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:    # anything the store gains later
-        return getattr(self.inner, name)
 
 
 # --- HTTP ---------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ from genesis_pgflow.messages import (
     Outcome,
     ReadMessage,
     all_queue_names,
+    dead_letter_headers,
     dead_letter_queue,
     envelope,
     redact,
+    request_headers,
     result_queue,
 )
 from genesis_pgflow.store.state import (
@@ -72,6 +74,7 @@ class _Stored:
     enqueued_at: dt.datetime
     vt: float
     read_ct: int = 0
+    headers: Any = None
 
 
 @dataclass
@@ -113,7 +116,7 @@ class MemoryQueueStore:
                 m.read_ct += 1
                 run = self.runs.setdefault((queue, m.msg_id), {})
                 run.update(status="running", attempts=m.read_ct, type=_type(m.body), consumer=self.consumer)
-                out.append(ReadMessage(queue, m.msg_id, m.read_ct, m.enqueued_at, m.body))
+                out.append(ReadMessage(queue, m.msg_id, m.read_ct, m.enqueued_at, m.body, m.headers))
             return out
 
     def complete(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
@@ -125,9 +128,9 @@ class MemoryQueueStore:
                 if stored is None:
                     continue
                 self.archives[o.message.queue].append(stored)
-                self._send(result_queue(o.message.queue), envelope(o, self.consumer))
+                self._send(result_queue(o.message.queue), envelope(o, self.consumer), request_headers(o))
                 if o.kind == "dead_letter":
-                    self._send(dead_letter_queue(o.message.queue), o.message.body)
+                    self._send(dead_letter_queue(o.message.queue), o.message.body, dead_letter_headers(o))
                 self.runs[(o.message.queue, o.message.msg_id)].update(
                     status=o.status, workflow_id=o.workflow_id, attempts=o.message.read_ct,
                     error=o.error.as_json() if o.error and o.kind != "completed" else None,
@@ -171,13 +174,13 @@ class MemoryQueueStore:
         with self._arrived:
             return self._arrived.wait(min(timeout_s, 0.05))
 
-    def send(self, queue: str, body: Any) -> int:
+    def send(self, queue: str, body: Any, headers: Any = None) -> int:
         with self._lock:
-            return self._send(queue, body)
+            return self._send(queue, body, headers)
 
-    def _send(self, queue: str, body: Any) -> int:
+    def _send(self, queue: str, body: Any, headers: Any = None) -> int:
         msg_id = next(self._ids)
-        self.queues[queue][msg_id] = _Stored(msg_id, body, self._now_utc(), self.clock())
+        self.queues[queue][msg_id] = _Stored(msg_id, body, self._now_utc(), self.clock(), headers=headers)
         self._arrived.notify_all()
         return msg_id
 
@@ -194,6 +197,11 @@ class MemoryQueueStore:
     def messages(self, queue: str) -> list[Any]:
         with self._lock:
             return [m.body for m in sorted(self.queues[queue].values(), key=lambda m: m.msg_id)]
+
+    def headers(self, queue: str) -> list[Any]:
+        """The pgmq headers of the messages in a queue, oldest first."""
+        with self._lock:
+            return [m.headers for m in sorted(self.queues[queue].values(), key=lambda m: m.msg_id)]
 
     def archived(self, queue: str) -> list[int]:
         with self._lock:

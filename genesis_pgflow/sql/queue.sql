@@ -61,12 +61,20 @@ WHERE msg_id = %(msg_id)s
 SELECT archived AS msg_id FROM pgmq.archive(%(queue)s, %(msg_ids)s::bigint[]) AS archived
 
 -- name: send_batch
--- Send the elements of a JSON array as messages to one queue.
-SELECT msg_id FROM pgmq.send_batch(%(queue)s, ARRAY(SELECT jsonb_array_elements(%(messages)s::jsonb))) AS msg_id
+-- Send the elements of a JSON array as messages to one queue, each with the pgmq headers at the same place of a second array (null: none).
+SELECT msg_id FROM pgmq.send_batch(
+    %(queue)s,
+    ARRAY(SELECT m FROM jsonb_array_elements(%(messages)s::jsonb) WITH ORDINALITY AS e(m, n) ORDER BY n),
+    ARRAY(SELECT nullif(h, 'null'::jsonb) FROM jsonb_array_elements(%(headers)s::jsonb) WITH ORDINALITY AS e(h, n)
+          ORDER BY n)) AS msg_id
 
 -- name: send_one
 -- Send one JSON message to a queue (genesis send, dead-letter requeue).
 SELECT pgmq.send(%(queue)s, %(message)s::jsonb) AS msg_id
+
+-- name: send_one_with_headers
+-- Send one JSON message with pgmq headers (null: none) to a queue.
+SELECT pgmq.send(%(queue)s, %(message)s::jsonb, %(headers)s::jsonb) AS msg_id
 
 -- name: record_final_runs
 -- Record the final outcome of several runs of one queue, given as a JSON array of run objects.

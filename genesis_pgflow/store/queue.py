@@ -21,9 +21,11 @@ from genesis_pgflow.messages import (
     IntakeLimits,
     Outcome,
     ReadMessage,
+    dead_letter_headers,
     dead_letter_queue,
     envelope,
     redact,
+    request_headers,
     result_queue,
     take_in,
 )
@@ -59,8 +61,8 @@ class QueueStore(Protocol):
         """Block until a message may have arrived in one of the queues, or timeout; True if woken.
         Raises StoreError when it cannot listen (the caller backs off and polls meanwhile)."""
 
-    def send(self, queue: str, body: Any) -> int:
-        """Enqueue one message."""
+    def send(self, queue: str, body: Any, headers: Any = None) -> int:
+        """Enqueue one message, with pgmq headers if given."""
 
     def depth(self, queues: Sequence[str]) -> int:
         """How many messages the queues hold, visible or not."""
@@ -185,13 +187,18 @@ class PgQueueStore:
             mine = [o for o in items if o.message.msg_id in archived]
             if not mine:
                 continue
-            dead = [self.cipher.seal_dead_letter(queue, o.message.body) if self.cipher else o.message.body
-                    for o in mine if o.kind == "dead_letter"]
+            dead = [o for o in mine if o.kind == "dead_letter"]
             with conn.pipeline():   # three statements, one round trip
+                # a result carries its request's pgmq headers (a producer's correlation id)
                 conn.execute(sql("send_batch"), {"queue": result_queue(queue),
-                                                 "messages": Jsonb([envelope(o, self.consumer) for o in mine])})
+                                                 "messages": Jsonb([envelope(o, self.consumer) for o in mine]),
+                                                 "headers": Jsonb([request_headers(o) for o in mine])})
                 if dead:
-                    conn.execute(sql("send_batch"), {"queue": dead_letter_queue(queue), "messages": Jsonb(dead)})
+                    conn.execute(sql("send_batch"), {
+                        "queue": dead_letter_queue(queue),
+                        "messages": Jsonb([self.cipher.seal_dead_letter(queue, o.message.body) if self.cipher
+                                           else o.message.body for o in dead]),
+                        "headers": Jsonb([dead_letter_headers(o) for o in dead])})
                 conn.execute(sql("record_final_runs"), {"queue": queue, "consumer": self.consumer,
                                                         "runs": Jsonb(_final_runs(mine))})
             applied += mine
@@ -260,9 +267,9 @@ class PgQueueStore:
 
     # --- producers and operators ----------------------------------------------------------
 
-    def send(self, queue: str, body: Any) -> int:
-        params = {"queue": queue, "message": Jsonb(body)}
-        return self.db.run(lambda conn: one(conn.execute(sql("send_one"), params))["msg_id"])
+    def send(self, queue: str, body: Any, headers: Any = None) -> int:
+        params = {"queue": queue, "message": Jsonb(body), "headers": None if headers is None else Jsonb(headers)}
+        return self.db.run(lambda conn: one(conn.execute(sql("send_one_with_headers"), params))["msg_id"])
 
     def depth(self, queues: Sequence[str]) -> int:
         return self.db.run(lambda conn: one(conn.execute(sql("total_depth"), {"queues": list(queues)}))["depth"])

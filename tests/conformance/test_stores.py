@@ -23,13 +23,14 @@ class Twin:
     state: object
     advance: Callable[[float], None]
     results: Callable[[str], list]
+    headers: Callable[[str], list]
 
 
-def _pg_results(db: Database) -> Callable[[str], list]:
-    def results(queue: str) -> list:
-        return db.run(lambda conn: [r["message"] for r in conn.execute(
-            f"SELECT message FROM pgmq.q_{queue} ORDER BY msg_id")])
-    return results
+def _pg_column(db: Database, column: str) -> Callable[[str], list]:
+    def values(queue: str) -> list:
+        return db.run(lambda conn: [r[column] for r in conn.execute(
+            f"SELECT {column} FROM pgmq.q_{queue} ORDER BY msg_id")])
+    return values
 
 
 @pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.db)])
@@ -37,10 +38,11 @@ def twin(request):
     if request.param == "memory":
         clock = FakeClock()
         store = MemoryQueueStore(clock=clock)
-        yield Twin(store, MemoryStateStore(), clock.advance, store.messages)
+        yield Twin(store, MemoryStateStore(), clock.advance, store.messages, store.headers)
         return
     db = Database(request.getfixturevalue("db_dsn")).open()
-    yield Twin(PgQueueStore(db, "test:1"), PgStateStore(db), time.sleep, _pg_results(db))
+    yield Twin(PgQueueStore(db, "test:1"), PgStateStore(db), time.sleep, _pg_column(db, "message"),
+               _pg_column(db, "headers"))
     db.close()
 
 
@@ -127,3 +129,21 @@ def test_llm_config_versions(twin):
     [active] = twin.state.llm_configs("claude")
     assert active["version"] == 2 and active["models"] == ["m1", "m2"]
     assert active["settings"] == {"api_key": "sk-1"}       # stored; redaction is the readers' job
+
+
+def test_a_results_headers_are_its_requests_and_a_dead_letter_names_its_original(twin):
+    headers = {"correlation_id": "c-42", "api_key": "sk-secret"}
+    done_id = twin.queues.send(Q, {"n": 1}, headers)
+    dead_id = twin.queues.send(Q, {"n": 2}, {"correlation_id": "c-43"})
+    plain_id = twin.queues.send(Q, {"n": 3})
+    read = {m.msg_id: m for m in twin.queues.read(Q, 3, lease_s=30)}
+    assert read[done_id].headers == headers and read[plain_id].headers is None
+    twin.queues.complete([outcome(read[done_id]), outcome(read[plain_id]),
+                          outcome(read[dead_id], "dead_letter", error=Failure("max_attempts_exceeded", "x"))])
+    by_request = dict(zip([r["request"]["msg_id"] for r in twin.results(f"{Q}_results")],
+                          twin.headers(f"{Q}_results"), strict=True))
+    assert by_request == {done_id: {"correlation_id": "c-42", "api_key": "[redacted]"},
+                          dead_id: {"correlation_id": "c-43"}, plain_id: None}
+    assert twin.results(f"{Q}_dlq") == [{"n": 2}]
+    assert twin.headers(f"{Q}_dlq") == [{"original_queue": Q, "original_msg_id": dead_id, "attempts": 1,
+                                          "request_headers": {"correlation_id": "c-43"}}]

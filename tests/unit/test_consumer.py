@@ -294,3 +294,23 @@ def test_a_periodic_report_says_what_was_done(store, clock, caplog):
         clock.advance(60)
         consumer.report()
     assert caplog.messages == ["last 60 s: 1 completed, 1 failed; 0 in flight"]
+
+
+def test_each_failure_is_one_info_line_with_its_fields_and_observers_see_what_was_stored(store, clock, caplog):
+    def refuse(payload, ctx):
+        if payload.rule_id == "r2":
+            raise PermanentError("no such thing")
+        return {"status": "applied"}
+
+    consumer = make(store, clock, Handler(refuse))
+    seen = []
+    consumer.observers.append(lambda outcomes: seen.extend(o.message.msg_id for o in outcomes))
+    ids = [store.send(Q, rule(i)) for i in (1, 2)]
+    caplog.set_level("DEBUG", logger="genesis_pgflow.consumer")
+    settle(consumer, lambda: len(store.messages(RESULTS)) == 2)
+    assert sorted(seen) == ids
+    failures = [r for r in caplog.records if r.levelname == "INFO" and "permanent_error" in r.getMessage()]
+    assert [(r.queue, r.msg_id, r.code, r.status, r.type) for r in failures] == [  # type: ignore[attr-defined]
+        (Q, ids[1], "permanent_error", "failed", "genesis_rule_update")]
+    done = [r for r in caplog.records if r.levelname == "DEBUG" and r.getMessage().startswith("completed")]
+    assert [r.msg_id for r in done] == [ids[0]]  # type: ignore[attr-defined]
