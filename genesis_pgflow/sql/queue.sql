@@ -129,10 +129,6 @@ SELECT queue_name, queue_length, queue_visible_length, oldest_msg_age_sec, total
 SELECT queue, coalesce(type, '(none)') AS type, status, count(*) AS n
 FROM genesis.workflow_runs GROUP BY queue, type, status
 
--- name: peek_dead_letters
--- The messages waiting in a dead-letter queue, oldest first.
-SELECT msg_id, read_ct, enqueued_at, message, headers FROM pgmq.{table} ORDER BY msg_id LIMIT %(limit)s
-
 -- name: count_archived
 -- How many messages a queue has archived.
 SELECT count(*) FROM pgmq.{table}

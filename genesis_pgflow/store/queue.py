@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -17,7 +17,6 @@ from genesis_pgflow.messages import (
     ID_FIELDS,
     MAX_IDENTIFIER_CHARS,
     MAX_TYPE_CHARS,
-    QUEUES,
     IntakeLimits,
     Outcome,
     ReadMessage,
@@ -273,56 +272,6 @@ class PgQueueStore:
 
     def depth(self, queues: Sequence[str]) -> int:
         return self.db.run(lambda conn: one(conn.execute(sql("total_depth"), {"queues": list(queues)}))["depth"])
-
-    def status(self) -> dict[str, Any]:
-        """Per queue: depth, in flight, oldest age, archived, dead-lettered; per type: outcomes."""
-        def tx(conn: Conn) -> dict[str, Any]:
-            metrics = {r["queue_name"]: r for r in conn.execute(sql("queue_metrics"))}
-            counts: dict[str, Counter] = defaultdict(Counter)
-            types: dict[str, Counter] = defaultdict(Counter)
-            for r in conn.execute(sql("run_counts")):
-                counts[r["queue"]][r["status"]] += r["n"]
-                types[r["type"]][r["status"]] += r["n"]
-            queues = {}
-            for queue, (kind, results) in QUEUES.items():
-                m = metrics.get(queue, {})
-                archived = one(conn.execute(_table("count_archived", f"a_{queue}")))["count"]
-                queues[queue] = {
-                    "type": kind,
-                    "depth": m.get("queue_length", 0),
-                    "in_flight": m.get("queue_length", 0) - m.get("queue_visible_length", 0),
-                    "oldest_age_s": m.get("oldest_msg_age_sec"),
-                    "archived": archived,
-                    "dead_lettered": metrics.get(dead_letter_queue(queue), {}).get("queue_length", 0),
-                    "results_waiting": metrics.get(results, {}).get("queue_length", 0),
-                    "completed": counts[queue].get("completed", 0),
-                    "failed": counts[queue].get("failed", 0),
-                    "retrying": counts[queue].get("pending", 0),
-                    "running": counts[queue].get("running", 0),
-                }
-            return {"queues": queues,
-                    "types": {t: {"completed": c["completed"], "failed": c["failed"], "retrying": c["pending"],
-                                  "running": c["running"]} for t, c in sorted(types.items())}}
-        return self.db.run(tx)
-
-    def dead_letters(self, queue: str, limit: int = 100) -> list[dict[str, Any]]:
-        query = _table("peek_dead_letters", f"q_{dead_letter_queue(queue)}")
-        return self.db.run(lambda conn: conn.execute(query, {"limit": limit}).fetchall())
-
-    def requeue_dead_letters(self, queue: str, msg_ids: Sequence[int] = ()) -> list[tuple[int, int]]:
-        """Send dead letters back to their request queue as new messages; returns (old, new) ids."""
-        dlq = dead_letter_queue(queue)
-
-        def tx(conn: Conn) -> list[tuple[int, int]]:
-            rows = conn.execute(_table("take_dead_letters", f"q_{dlq}"),
-                                {"all": not msg_ids, "msg_ids": list(msg_ids)}).fetchall()
-            moved = []
-            for row in rows:
-                new_id = one(conn.execute(sql("send_one"), {"queue": queue, "message": Jsonb(row["message"])}))
-                conn.execute(sql("archive_one"), {"queue": dlq, "msg_id": row["msg_id"]})
-                moved.append((row["msg_id"], new_id["msg_id"]))
-            return moved
-        return self.db.run(tx)
 
     def close(self) -> None:
         self._close_listener()

@@ -784,23 +784,3 @@ def test_stop_gives_back_work_that_outlives_the_grace_period(harness: Harness) -
     successor = harness.consumer([ProbeHandler()], name="test-host:2")
     drive(successor, lambda: results(harness.dsn, RULES_RESULTS), what="the successor's result")
     check_finished(harness.dsn, RULES, RULES_RESULTS, msg_id, status="completed", attempt=1, consumer="test-host:2")
-
-
-# --- dead letters, for operators --------------------------------------------------------------
-
-
-def test_requeue_moves_only_the_chosen_dead_letters_back(harness: Harness) -> None:
-    store = harness.store()
-    letters = [send_sql(harness.dsn, RULES_DLQ, rule(i)) for i in range(3)]
-
-    moved = store.requeue_dead_letters(RULES, [letters[1]])
-
-    assert [old for old, _ in moved] == [letters[1]]
-    [(_, new_id)] = moved
-    assert [m["msg_id"] for m in in_queue(harness.dsn, RULES_DLQ)] == [letters[0], letters[2]]
-    [queued] = in_queue(harness.dsn, RULES)
-    assert queued["msg_id"] == new_id and queued["read_ct"] == 0 and queued["message"] == rule(1)
-    assert [m["msg_id"] for m in store.dead_letters(RULES)] == [letters[0], letters[2]]
-    assert sorted(old for old, _ in store.requeue_dead_letters(RULES)) == [letters[0], letters[2]]
-    assert in_queue(harness.dsn, RULES_DLQ) == []
-    assert len(in_queue(harness.dsn, RULES)) == 3
