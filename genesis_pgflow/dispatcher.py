@@ -24,6 +24,7 @@ from genesis_pgflow.errors import (
 from genesis_pgflow.handlers.base import Handler, WorkContext, timeout_override
 from genesis_pgflow.messages import Failure, Outcome, Payload, ReadMessage, parse_payload, raw_identifiers
 from genesis_pgflow.retry import DeadLetter, decide
+from genesis_pgflow.store.database import first_line, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,10 @@ class Dispatcher:
         message = str(exc) or type(exc).__name__
         details = {**task.payload.identifiers(), "exception": type(exc).__name__,
                    **(exc.details if isinstance(exc, GenesisError) else {})}
-        if not isinstance(exc, GenesisError):
+        if is_transient(exc):       # the database went away under the handler: the loop reports outages
+            log.warning("handler %s met a database error on %s/%s (%s); retried later", type(task.handler).__name__,
+                        task.message.queue, task.message.msg_id, first_line(exc))
+        elif not isinstance(exc, GenesisError):
             log.exception("handler %s raised unexpectedly on %s/%s", type(task.handler).__name__,
                           task.message.queue, task.message.msg_id, exc_info=exc)
         verdict = decide(task.message.read_ct, self.max_attempts, self.retry_base_s, self.retry_max_s, self.rand)

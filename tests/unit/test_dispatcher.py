@@ -154,3 +154,23 @@ def test_anything_raised_while_preparing_fails_that_message_alone(caplog):
     assert "preparing code_execution_requests/7 raised unexpectedly" in caplog.text
     # the next message is prepared as usual
     assert isinstance(prepared(d, CODE), Task)
+
+
+class LosesTheDatabase:
+    payload_type = "code_execution_request"
+
+    def __call__(self, payload: Any, ctx: WorkContext) -> dict[str, Any]:
+        import psycopg
+
+        raise psycopg.OperationalError("server closed the connection unexpectedly\n\tThis probably means...")
+
+
+def test_a_handler_meeting_a_database_outage_is_retried_with_one_line_and_no_traceback(caplog):
+    d = dispatcher(handlers=[LosesTheDatabase()], rand=lambda: 0.0)
+    t = task(d, CODE)
+    outcome = d.execute(t, d.context(t, deadline=math.inf))
+    assert outcome.kind == "retry" and outcome.error is not None and outcome.error.code == "internal_error"
+    [record] = [r for r in caplog.records if r.name == "genesis_pgflow.dispatcher"]
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert "server closed the connection unexpectedly" in record.getMessage()
+    assert "\n" not in record.getMessage()
