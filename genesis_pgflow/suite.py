@@ -395,6 +395,11 @@ def run_tests(sandbox: Sandbox, test_command: Sequence[str] | None, selection: S
         result = sandbox.run(suite.argv, writable=root, env=variables, ro_paths=suite.ro_paths, limits=limits,
                              timeout_s=timeout_s, cancelled=cancelled, pass_fds=channel.pass_fds)
     verdict = command_verdict(suite, channel, result, root / JUNIT_FILE, " ".join(test_command or ["pytest"]))
+    if result.limit is not None:
+        # killed by the sandbox: whatever it reported so far is not the suite's verdict
+        return TestRun(dict(verdict.outcomes), suite.argv, result, False, verdict.counted_by,
+                       (f"the suite went past its {result.limit} limit and was killed", *verdict.problems),
+                       verdict.rewritten)
     return TestRun(dict(verdict.outcomes), suite.argv, result, verdict.measured, verdict.counted_by,
                    verdict.problems, verdict.rewritten)
 

@@ -187,13 +187,14 @@ class Decision:
 
 
 def decide(metrics: Metrics, *, risk_level: str, threshold: float, measured: bool = True,
-           flags: Sequence[str] = ()) -> Decision:
+           flags: Sequence[str] = (), problems: Sequence[str] = ()) -> Decision:
     """The documented rules, in order:
 
     1. regression > threshold                      -> regressed, reject, rolled back
     2. the change could not be measured, or its
        success_rate < baseline_success_rate        -> failed, reject (kept for analysis)
-    3. risk high, no tests ran, some test that
+    3. risk high, no tests ran, no test passes after
+       the change, some test that
        passed at the baseline fails now, or a flag
        (the change touches the test configuration
        or a hook rewrote a report)                  -> success, merge_with_review
@@ -203,7 +204,8 @@ def decide(metrics: Metrics, *, risk_level: str, threshold: float, measured: boo
         return Decision("regressed", "reject", True,
                         f"regression {metrics.regression:.3f} is above the threshold {threshold:.3f}")
     if not measured:
-        return Decision("failed", "reject", False, "the tests could not be run after the change")
+        why = f": {problems[0]}" if problems else ""
+        return Decision("failed", "reject", False, f"the tests could not be run after the change{why}")
     if metrics.success_rate < metrics.baseline_success_rate - 1e-9:
         return Decision("failed", "reject", False,
                         f"success rate fell from {metrics.baseline_success_rate:.3f} to {metrics.success_rate:.3f}")
@@ -211,6 +213,8 @@ def decide(metrics: Metrics, *, risk_level: str, threshold: float, measured: boo
         return Decision("success", "merge_with_review", False, "high-risk changes are always reviewed")
     if metrics.test_count == 0:
         return Decision("success", "merge_with_review", False, "no test measured the change")
+    if metrics.success_rate == 0:
+        return Decision("success", "merge_with_review", False, "no test passes, before or after the change")
     if metrics.new_failures:
         return Decision("success", "merge_with_review", False,
                         f"{metrics.new_failures} test(s) that passed at the baseline fail now")
@@ -463,7 +467,7 @@ class ExperimentRunner:
             "diff", "--name-only", "--no-renames", "-z", attempt.baseline_commit, change_commit).stdout.split("\0"))
         flags = (["test_config_changed"] if config_changes else []) + sorted({*baseline.flags, *change.flags})
         decision = decide(metrics, risk_level=request.risk_level, threshold=self.settings.regression_threshold,
-                          measured=change.measured, flags=flags)
+                          measured=change.measured, flags=flags, problems=change.problems)
         if decision.rollback:
             workspace.git("update-ref", f"refs/genesis/rolled-back/{workspace.branch}", change_commit)
             workspace.rollback(attempt.baseline_commit)

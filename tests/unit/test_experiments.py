@@ -98,15 +98,20 @@ def metrics(**values: Any) -> Metrics:
     ({"regression": 0.051, "success_rate": 0.9}, "low", ("regressed", "reject", True)),
     ({"regression": 0.5, "success_rate": 0.5}, "high", ("regressed", "reject", True)),
     ({"success_rate": 0.8, "baseline_success_rate": 0.9}, "low", ("failed", "reject", False)),
+    # a suite that never passes says nothing about the change
+    ({"success_rate": 0.0, "baseline_success_rate": 0.0, "failures": 10}, "low",
+     ("success", "merge_with_review", False)),
 ])
 def test_decide(values: dict[str, Any], risk: str, expected: tuple[str, str, bool]) -> None:
     decision = decide(metrics(**values), risk_level=risk, threshold=0.05)
     assert (decision.status, decision.recommendation, decision.rollback) == expected
 
 
-def test_an_unmeasurable_change_is_rejected() -> None:
-    decision = decide(metrics(regression=0.0), risk_level="low", threshold=0.05, measured=False)
+def test_an_unmeasurable_change_is_rejected_saying_why() -> None:
+    decision = decide(metrics(regression=0.0), risk_level="low", threshold=0.05, measured=False,
+                      problems=["the suite went past its memory limit and was killed"])
     assert (decision.status, decision.recommendation) == ("failed", "reject")
+    assert decision.reason.endswith("went past its memory limit and was killed")
 
 
 def test_selection_prefers_paths_then_markers(tmp_path: Path) -> None:

@@ -450,3 +450,27 @@ def test_node_test_over_a_repository_is_counted_by_our_reporter(tmp_path: Path) 
     run = suite_run(tree(tmp_path / "calc", files), ["node", "--test"])
     assert (run.counted_by, run.measured) == ("node-reporter", True)
     assert run.outcomes == {"test/calc.test.js::adds": "passed", "test/calc.test.js::wrong": "failed"}
+
+
+def test_a_suite_killed_at_its_memory_limit_is_unmeasured_and_says_so(tmp_path: Path) -> None:
+    """Even a command counted by its exit status: a run the sandbox killed has no verdict."""
+    limits = Limits(wall_s=120, cpu_s=120, memory_bytes=128 * 2**20)
+    sandbox = Sandbox(limits)
+    if sandbox.hierarchy is None:
+        pytest.skip("no writable cgroup here: the memory limit is per process (covered in test_sandbox)")
+    # four processes of 100 MiB each: each under the per-process limit, together over the run's
+    hog = textwrap.dedent("""
+        import os, time
+        for _ in range(4):
+            if os.fork() == 0:
+                x = bytearray(100 * 2**20)
+                for i in range(0, len(x), 4096): x[i] = 1
+                time.sleep(60)
+        os.wait()
+    """)
+    root = tree(tmp_path / "hog", {"hog.py": hog})
+    run = run_tests(sandbox, ["/usr/bin/python3", "hog.py"], [], root=root, python="/usr/bin/python3",
+                    python_path=[], limits=limits, timeout_s=120)
+    assert run.result.limit == "memory"
+    assert not run.measured and run.passed == set()
+    assert run.problems[0] == "the suite went past its memory limit and was killed"
