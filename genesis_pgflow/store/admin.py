@@ -144,7 +144,11 @@ class PgAdminStore:
                                          f"see `genesis dlq list {queue}`")
             moved = []
             for row in rows:
-                new_id = one(conn.execute(sql("send_one"), {"queue": queue, "message": Jsonb(row["message"])}))
+                # the request's own pgmq headers (a correlation id) go back with it
+                headers = row["headers"].get("request_headers") if isinstance(row["headers"], dict) else None
+                new_id = one(conn.execute(sql("send_one_with_headers"), {
+                    "queue": queue, "message": Jsonb(row["message"]),
+                    "headers": Jsonb(headers) if isinstance(headers, dict) else None}))
                 conn.execute(sql("archive_one"), {"queue": dlq, "msg_id": row["msg_id"]})
                 moved.append((row["msg_id"], new_id["msg_id"]))
             return moved

@@ -159,6 +159,18 @@ def test_requeue_of_an_id_that_is_not_there_moves_nothing(db: Database, db_dsn: 
     assert [r["msg_id"] for r in query(db_dsn, f"SELECT msg_id FROM pgmq.q_{RULES}")] == [new]
 
 
+def test_a_requeued_dead_letter_goes_back_with_its_requests_headers(db: Database, db_dsn: str) -> None:
+    queues, admin = PgQueueStore(db, "test:1"), PgAdminStore(db)
+    msg_id = queues.send(RULES, rule(5), {"correlation_id": "c-5"})
+    [message] = queues.read(RULES, 1, 30)
+    queues.complete([outcome(message, "dead_letter", "max_attempts_exceeded", "gave up")])
+    [letter] = admin.dead_letters(RULES)
+    assert letter["original_msg_id"] == msg_id
+    [(_, new)] = admin.requeue_dead_letters(RULES)
+    [again] = query(db_dsn, f"SELECT msg_id, headers, message FROM pgmq.q_{RULES}")
+    assert again == {"msg_id": new, "headers": {"correlation_id": "c-5"}, "message": rule(5)}
+
+
 def test_status_adds_throughput_failures_by_code_and_consumers(db: Database) -> None:
     queues, admin = PgQueueStore(db, "test:1"), PgAdminStore(db)
     for i in range(3):
