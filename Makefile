@@ -32,8 +32,8 @@ test: install system-deps ## run every test tier (unit, conformance, integration
 test-unit: install system-deps ## only the tests that need no database and no sandbox
 	$(BIN)/pytest tests/unit -m "not db and not sandbox" $(PYTEST_ARGS)
 
-bench: install ## measure throughput: raw pgmq pipeline vs the consumer, in one run
-	$(BIN)/python -m benchmarks.throughput $(ARGS)
+bench: install ## issue 9 benchmark: throughput vs the raw pgmq floor, latency, costs, memory, scaling; ARGS="--long" adds RSS over 200,000 msgs
+	$(BIN)/python -m benchmarks.run $(ARGS)
 
 soak: install ## minutes of random kills, restarts and network faults (not CI); prints throughput, retries, memory; ARGS="--minutes 10"
 	$(BIN)/python -m benchmarks.soak $(ARGS)

@@ -1,0 +1,59 @@
+"""make bench's arithmetic: percentiles, per-round ratios, own time from py-spy's collapsed stacks, verdicts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# benchmarks/ is not an installed package: the checkout's root makes it importable here
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.hotspots import own_time  # noqa: E402
+from benchmarks.latency import percentile  # noqa: E402
+from benchmarks.pipelines import Figures  # noqa: E402
+from benchmarks.run import Report, verdict  # noqa: E402
+
+
+def test_percentile_picks_the_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) in (50.0, 51.0)
+    assert percentile(values, 99) == 99.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) != percentile([], 50)     # nan: nothing seen is not 0 ms
+
+
+def test_ratios_are_medians_of_each_rounds_own_ratio() -> None:
+    report = Report()
+    for floor_rate, rate in ((1000, 500), (2000, 800), (4000, 3600)):
+        floor = Figures("floor", floor_rate, 1.0)
+        report.add("raw", floor, floor)
+        report.add("x", Figures("x", rate, 1.0), floor)
+    assert report.ratio("raw") == 1.0
+    assert report.ratio("x") == 0.5            # rounds: 0.5, 0.4, 0.9
+    assert report.rate("x") == 800
+    assert report.pair_ratio("x", "raw") == 0.5
+
+
+def test_costs_are_per_message() -> None:
+    report = Report()
+    figures = Figures("x", 100, 1.0, commits=150, wal_bytes=10_000, dead_tuples=300)
+    report.add("x", figures, figures)
+    assert report.per_message("x", "commits") == 1.5
+    assert report.per_message("x", "wal_bytes") == 100
+    assert report.per_message("x", "dead_tuples") == 3.0
+
+
+def test_own_time_counts_the_innermost_frame_only() -> None:
+    collapsed = ("main (a.py:1);loop (a.py:5);read (b.py:9) 30\n"
+                 "main (a.py:1);loop (a.py:5) 10\n"
+                 "main (a.py:1);loop (a.py:5);read (b.py:9) 5\n"
+                 "garbage\n")
+    own, total = own_time(collapsed)
+    assert total == 45
+    assert own["read (b.py:9)"] == 35
+    assert own["loop (a.py:5)"] == 10
+    assert "main (a.py:1)" not in own
+
+
+def test_verdicts() -> None:
+    assert (verdict(True), verdict(False), verdict(None)) == ("met", "NOT MET", "n/a")
