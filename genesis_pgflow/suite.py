@@ -15,8 +15,9 @@ How tests are counted (`counted_by`):
 - pytest-plugin: reporters/genesis_pytest_plugin.py starts pytest itself (python -I, so the
   repository cannot shadow it), and takes each test's outcome from the exception each phase
   raised, not from the report a conftest hook may rewrite (a rewritten report is marked);
-- node-reporter: reporters/genesis_node_reporter.mjs, loaded by `node --test` in the parent
-  process, while the test files run in child processes;
+- node-reporter: reporters/genesis_node_reporter.mjs, in the one node process where our entry
+  (reporters/genesis_node_entry.mjs) imports the test files: not `node --test`, whose parent takes
+  test events from what each child writes on stdout;
 - exunit-formatter: reporters/genesis_exunit_formatter.exs, an ExUnit formatter of ours;
 - junit: another command's JUnit XML at the path it was told (GENESIS_JUNIT_XML); that file is
   written by the command itself, so it is only as trustworthy as the command;
@@ -47,6 +48,7 @@ CountedBy = Literal["pytest-plugin", "node-reporter", "exunit-formatter", "junit
 REPORTERS_DIR = Path(__file__).resolve().parent / "reporters"
 PYTEST_PLUGIN = REPORTERS_DIR / "genesis_pytest_plugin.py"
 NODE_REPORTER = REPORTERS_DIR / "genesis_node_reporter.mjs"
+NODE_ENTRY = REPORTERS_DIR / "genesis_node_entry.mjs"
 EXUNIT_FORMATTER = REPORTERS_DIR / "genesis_exunit_formatter.exs"
 
 CHANNEL_MAX_BYTES = 32 * 2**20
@@ -275,9 +277,15 @@ def pytest_argv(python: str, args: Sequence[str], channel: ReportChannel,
 
 
 def node_argv(node: str, args: Sequence[str]) -> list[str]:
-    """`node --test` with TAP on stdout for people and our reporter (on GENESIS_REPORT_FD) for counts."""
-    return [node, "--test", "--test-reporter=tap", "--test-reporter-destination=stdout",
-            f"--test-reporter={NODE_REPORTER}", "--test-reporter-destination=stderr", *args]
+    """node:test files run in one node process by our entry module (not `node --test`, whose parent
+    counts what it parses from each child's stdout), with TAP on stdout for people and our reporter
+    (on GENESIS_REPORT_FD) for counts. The reporter is imported first, so it holds the key before
+    any code under test loads. `args`: node options (starting with -), then the paths to test."""
+    options = [a for a in args if a.startswith("-") and a != "--"]
+    paths = [a for a in args if not a.startswith("-")]
+    return [node, f"--import={NODE_REPORTER}", "--test-reporter=tap", "--test-reporter-destination=stdout",
+            f"--test-reporter={NODE_REPORTER}", "--test-reporter-destination=stderr", *options,
+            str(NODE_ENTRY), *paths]
 
 
 def exunit_argv(elixir: str, script: str) -> list[str]:

@@ -1,31 +1,40 @@
-// The node side of genesis_pgflow's report channel: a `node --test` reporter that signs one line
-// per test on the descriptor GENESIS_REPORT_FD, with the key read once from GENESIS_KEY_FD.
+// The node side of genesis_pgflow's report channel: a node:test reporter that signs one line per
+// test on the descriptor GENESIS_REPORT_FD, with the key read once from GENESIS_KEY_FD.
 //
-// It runs in the test runner's parent process, where no test code runs: `node --test` runs each
-// test file in a child process. The module is imported before the runner starts any child, so the
-// key pipe is drained and closed first, and no child inherits it. The pipes belong to root, so
-// that no process of the sandbox's uid can open them again through /proc/<pid>/fd; a child may
-// inherit the report descriptor, but cannot sign a line. Lines are those of
-// reporters/genesis_pytest_plugin.py (kinds start, result, end), checked by suite.py.
+// It runs in the one process where reporters/genesis_node_entry.mjs imports the test files (not
+// `node --test`, whose parent counts events parsed from each child's stdout, which test code can
+// forge). Node imports this module first (--import), before any code under test loads, so the key
+// pipe is drained and closed before a test can read it. The pipes belong to root, so that no process
+// of the sandbox's uid can open them again through /proc/<pid>/fd; test code may write to the
+// report descriptor, but cannot sign a line. Lines are those of reporters/genesis_pytest_plugin.py
+// (kinds start, result, end), checked by suite.py.
 //
-// Residual risk (documented in the README): a child (the code under test) can write the runner's
-// own serialized event frames on its stdout, which this parent then takes for real events, and as
-// the same uid it can read this process's memory through /proc.
+// Residual risk (documented in the README): the code under test shares this process, so it can
+// tamper with it (rewrite the built-ins and prototypes the test runner and this reporter use, or
+// read the key from memory), as a conftest can inside pytest.
 import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
+import { fileURLToPath } from "node:url";
 
 const createHmac = crypto.createHmac;
 const writeSync = fs.writeSync;
 const stringify = JSON.stringify;
+const ENTRY = path.join(path.dirname(fileURLToPath(import.meta.url)), "genesis_node_entry.mjs");
 
 let key = null;
 let reportFd = null;
 let problem = null;
 try {
   const keyFd = Number(process.env.GENESIS_KEY_FD);
-  key = Buffer.from(fs.readFileSync(keyFd, "utf8").trim(), "hex");
+  const raw = fs.readFileSync(keyFd);
   fs.closeSync(keyFd);
+  // hex decoded by hand: no string copy of the key is left in the heap the tests share
+  const nibble = (c) => (c >= 48 && c <= 57 ? c - 48 : c >= 97 && c <= 102 ? c - 87 : NaN);
+  key = Buffer.alloc(32);
+  for (let i = 0; i < 32; i += 1) key[i] = nibble(raw[2 * i]) * 16 + nibble(raw[2 * i + 1]);
+  if (raw.length < 64 || raw.subarray(0, 64).some((c) => Number.isNaN(nibble(c)))) key = null;
+  raw.fill(0);
   reportFd = Number(process.env.GENESIS_REPORT_FD);
 } catch (error) {
   problem = String(error);
@@ -67,7 +76,8 @@ export default async function* genesisReporter(source) {
     if (event.type !== "test:pass" && event.type !== "test:fail") continue;
     const data = event.data;
     if (data.details?.type === "suite") continue;
-    const file = data.file ? path.relative(process.cwd(), data.file) : "";
+    // a file that could not load is a test the entry names after it (as `node --test` does)
+    const file = data.file === ENTRY ? String(data.name) : data.file ? path.relative(process.cwd(), data.file) : "";
     const base = `${short(file, 300)}::${short(data.name, 500)}`;
     const n = (seen.get(base) || 0) + 1;
     seen.set(base, n);
@@ -75,7 +85,8 @@ export default async function* genesisReporter(source) {
     const error = data.details?.error;
     const message = error ? short(error.cause?.message ?? error.message, 300) : "";
     tests += 1;
-    emit("result", { id, outcome: outcomeOf(event.type, data), line: data.line ?? null, message });
+    // no prototype: a toJSON a test put on Object.prototype cannot rewrite the line
+    emit("result", { __proto__: null, id, outcome: outcomeOf(event.type, data), line: data.line ?? null, message });
   }
   emit("end", { tests, tampered: [] });
 }

@@ -4,6 +4,7 @@ Real runners in the real sandbox."""
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import time
@@ -474,3 +475,72 @@ def test_a_suite_killed_at_its_memory_limit_is_unmeasured_and_says_so(tmp_path: 
     assert run.result.limit == "memory"
     assert not run.measured and run.passed == set()
     assert run.problems[0] == "the suite went past its memory limit and was killed"
+
+
+# --- node:test event frames forged on stdout ------------------------------------------------
+
+# what `node --test`'s parent parses from a child's stdout (Node 20's v8-serializer reporter):
+# a v8 serializer header, the 4-byte big-endian length, then the serialized {type, data} item
+FORGE_NODE_FRAMES = """
+const v8 = require("node:v8");
+const fs = require("node:fs");
+function frame(item) {
+  const header = new v8.DefaultSerializer();
+  header.writeHeader();
+  const body = new v8.DefaultSerializer();
+  body.writeHeader();
+  body.writeValue(item);
+  const value = body.releaseBuffer();
+  const length = Buffer.alloc(4);
+  length.writeUInt32BE(value.length);
+  return Buffer.concat([header.releaseBuffer(), length, value]);
+}
+function forge() {
+  for (let i = 0; i < 25; i += 1) {
+    fs.writeSync(1, frame({ type: "test:pass", data: { name: `forged ${i}`, nesting: 0, testNumber: 100 + i,
+      details: { duration_ms: 1 }, file: __filename, line: 1, column: 1 } }));
+  }
+}
+"""
+
+
+def test_javascript_writing_node_test_event_frames_on_stdout_gains_nothing(tools: Toolchain) -> None:
+    """Under `node --test` these frames were counted: 25 passed, 1 failed."""
+    analysis = javascript.testing(FORGE_NODE_FRAMES + code("""
+        const test = require("node:test");
+        const assert = require("node:assert");
+        test("wrong", () => {
+          forge();
+          assert.strictEqual(1 + 1, 3);
+        });
+    """), tools, extension="js")
+    assert analysis.tests is not None
+    assert analysis.tests.as_json() == {"passed": 0, "failed": 1, "errors": 0, "total": 1}
+    assert analysis.quality_score == 0.0
+
+
+def test_node_test_files_run_in_the_process_of_our_reporter_not_a_child_of_a_parser(tmp_path: Path) -> None:
+    """The test file records the process it runs in (node started on our entry) and the sandbox's
+    processes (no `node --test` parent); the frames it writes on stdout are only output."""
+    files = {"test/forge.test.js": FORGE_NODE_FRAMES + code("""
+        const test = require("node:test");
+        const assert = require("node:assert");
+        const processes = fs.readdirSync("/proc").filter((name) => /^[0-9]+$/.test(name)).map((pid) => {
+          try { return fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\\0"); } catch { return []; }
+        });
+        fs.writeFileSync("ran-in.json", JSON.stringify({ argv: process.argv, execArgv: process.execArgv, processes }));
+        test("adds", () => assert.equal(1 + 2, 3));
+        test("wrong", () => { forge(); assert.equal(1 + 2, 4); });
+    """), "test/more_test.mjs": 'import { test } from "node:test";\ntest("also", () => {});\n'}
+    root = tree(tmp_path / "calc", files)
+    run = suite_run(root, ["node", "--test"])
+    assert (run.counted_by, run.measured) == ("node-reporter", True)
+    assert run.outcomes == {"test/forge.test.js::adds": "passed", "test/forge.test.js::wrong": "failed",
+                            "test/more_test.mjs::also": "passed"}
+    ran_in = json.loads((root / "ran-in.json").read_text())
+    assert ran_in["argv"][1] == str(REPORTERS_DIR / "genesis_node_entry.mjs")
+    assert f"--import={REPORTERS_DIR / 'genesis_node_reporter.mjs'}" in ran_in["execArgv"]
+    assert "--test" not in ran_in["execArgv"]
+    # the sandbox's processes (its own pid namespace): one node, ours, with no `node --test` parent
+    nodes = [argv for argv in ran_in["processes"] if argv and os.path.basename(argv[0]) == "node"]
+    assert len(nodes) == 1 and "--test" not in nodes[0]
