@@ -313,6 +313,8 @@ def lifecycle_machine(make_adapter: Callable[[], Adapter]) -> type[RuleBasedStat
 
 SETTINGS = settings(max_examples=30, stateful_step_count=30, deadline=None, derandomize=False,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+# each step is a few round trips: fewer, shorter examples keep it within a minute on a loaded machine
+PG_SETTINGS = settings(SETTINGS, max_examples=15, stateful_step_count=20)
 
 
 def test_the_lifecycle_in_memory() -> None:
@@ -320,9 +322,10 @@ def test_the_lifecycle_in_memory() -> None:
 
 
 @pytest.mark.db
+@pytest.mark.slow
 def test_the_lifecycle_in_postgresql(fault_db: FaultDb) -> None:
     db = Database(fault_db.dsn, max_size=2).open()
     try:
-        run_state_machine_as_test(lifecycle_machine(lambda: PgAdapter(db)), settings=SETTINGS)
+        run_state_machine_as_test(lifecycle_machine(lambda: PgAdapter(db)), settings=PG_SETTINGS)
     finally:
         db.close()
