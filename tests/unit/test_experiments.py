@@ -344,15 +344,17 @@ def test_malicious_hooks_and_a_scheming_test_suite_never_run_on_the_host(runner:
 
 
 @pytest.mark.sandbox
+@pytest.mark.slow
 def test_a_hanging_test_suite_times_out_and_is_rolled_back(runner: ExperimentRunner, repos: Repos,
                                                            records: MemoryExperimentRecords) -> None:
     repo = repos.seal(repos.make())
     hanging = CALC.replace("    return a + b", "    import time\n    time.sleep(120)\n    return a + b")
     started = time.monotonic()
+    # room for the baseline on a busy machine; the changed suite would sleep for 120 s
     with pytest.raises(WorkflowTimeout) as caught:
-        runner(request(repo, timeout_ms=5000, changes={"files": [{"path": "calc.py", "content": hanging}]}),
+        runner(request(repo, timeout_ms=20_000, changes={"files": [{"path": "calc.py", "content": hanging}]}),
                context())
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 110, "the hanging suite was cut at the experiment's timeout"
     assert caught.value.code == "timeout" and caught.value.details["rolled_back"] is True
     copy = runner.settings.sandboxes_dir / "exp-1"
     assert (copy / "calc.py").read_text() == CALC
