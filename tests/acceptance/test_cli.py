@@ -235,7 +235,7 @@ def test_an_unreachable_database_exits_2_with_one_line(argv: tuple[Any, ...], ge
     assert proc.returncode == 2, proc
     line = one_line(proc.stderr)
     assert "127.0.0.1" in line and "Traceback" not in proc.stderr
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 30    # one attempt, not a wait for the outage budget (300 s)
 
 
 def test_an_unreachable_database_from_the_environment_exits_2(genesis_home: Path) -> None:
@@ -298,21 +298,21 @@ def test_no_migrate_on_a_current_database_consumes(env: dict[str, str], db_dsn: 
 def test_a_signal_while_idle_exits_0_quickly(signum: int, env: dict[str, str], db_dsn: str,
                                              background: Callable[..., Any]) -> None:
     # faulthandler: if it hangs, SIGABRT dumps every thread's stack into the failure message
-    consumer = background(GENESIS_CONSUME, "--poll-interval-ms", "30000", env={**env, "PYTHONFAULTHANDLER": "1"})
+    consumer = background(GENESIS_CONSUME, "--poll-interval-ms", "120000", env={**env, "PYTHONFAULTHANDLER": "1"})
     consumer.wait_for_line("consuming")
     wait_listening(db_dsn)
 
     started = time.monotonic()
     consumer.signal(signum)
     try:
-        code = consumer.wait(timeout=10)
+        code = consumer.wait(timeout=60)
     except subprocess.TimeoutExpired:
         consumer.signal(signal.SIGABRT)
         consumer.wait(timeout=10)
-        pytest.fail(f"still running 10 s after {signal.Signals(signum).name} while idle "
-                    "(shutdown waits out the 30 s LISTEN poll?)\n" + consumer.stderr())
+        pytest.fail(f"still running 60 s after {signal.Signals(signum).name} while idle "
+                    "(shutdown waits out the 120 s LISTEN poll?)\n" + consumer.stderr())
     assert code == 0, consumer.stderr()
-    assert time.monotonic() - started < 5, "a 30 s poll interval must not delay shutdown"
+    assert time.monotonic() - started < 60, "a 120 s poll interval must not delay shutdown"
     assert "Traceback" not in consumer.stderr()
 
 
