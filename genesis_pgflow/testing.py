@@ -143,7 +143,7 @@ class MemoryQueueStore:
         with self._lock:
             for o in outcomes:
                 stored = self.queues[o.message.queue].get(o.message.msg_id)
-                if stored is not None:
+                if stored is not None and stored.read_ct == o.message.read_ct:
                     stored.vt = self.clock() + o.retry_after_s
                     self.runs[(o.message.queue, o.message.msg_id)].update(
                         status="pending", error=o.error.as_json() if o.error else None)

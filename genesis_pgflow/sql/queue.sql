@@ -92,18 +92,20 @@ ON CONFLICT (queue, msg_id) DO UPDATE
         next_attempt_at = NULL
 
 -- name: schedule_retries
--- Make messages visible again after their backoff delays (seconds); returns the ids still in the queue.
-SELECT t.msg_id
-FROM unnest(%(msg_ids)s::bigint[], %(delays)s::float8[]) AS t(msg_id, delay_s)
-CROSS JOIN LATERAL pgmq.set_vt(%(queue)s, t.msg_id, clock_timestamp() + make_interval(secs => t.delay_s)) AS v
+-- Make messages visible again after their backoff delays (seconds), only those still leased by this read (same read_ct); returns their ids.
+UPDATE pgmq.{table} AS q SET vt = clock_timestamp() + make_interval(secs => t.delay_s)
+FROM unnest(%(msg_ids)s::bigint[], %(read_cts)s::int[], %(delays)s::float8[]) AS t(msg_id, read_ct, delay_s)
+WHERE q.msg_id = t.msg_id AND q.read_ct = t.read_ct
+RETURNING q.msg_id
 
 -- name: record_retries
--- Mark runs pending again with the error that caused the retry and when the next attempt is due.
+-- Mark runs pending again with the error that caused the retry and when the next attempt is due (the ids schedule_retries kept; never a finished run).
 UPDATE genesis.workflow_runs AS r
 SET status = 'pending', updated_at = now(), error = t.error,
     next_attempt_at = now() + make_interval(secs => t.delay_s)
 FROM unnest(%(msg_ids)s::bigint[], %(delays)s::float8[], %(errors)s::jsonb[]) AS t(msg_id, delay_s, error)
-WHERE r.queue = %(queue)s AND r.msg_id = t.msg_id
+WHERE r.queue = %(queue)s AND r.msg_id = t.msg_id AND r.msg_id = ANY(%(kept)s::bigint[])
+  AND r.status NOT IN ('completed', 'failed')
 
 -- name: extend_leases
 -- Push the visibility timeout of in-flight messages lease_s seconds ahead; returns the ids still held.

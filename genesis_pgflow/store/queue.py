@@ -47,7 +47,8 @@ class QueueStore(Protocol):
         request was no longer in its queue (completed elsewhere) is skipped, never published twice."""
 
     def retry(self, outcomes: Sequence[Outcome]) -> None:
-        """Make each request visible again after its retry delay and mark its run pending."""
+        """Make each request visible again after its retry delay and mark its run pending, unless
+        the read the outcome came from is no longer the message's latest (its lease was lost)."""
 
     def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:
         """Push the leases of in-flight messages ahead; returns the ids still in the queue."""
@@ -206,11 +207,14 @@ class PgQueueStore:
     def retry(self, outcomes: Sequence[Outcome]) -> None:
         def tx(conn: Conn) -> None:
             for queue, items in _group(outcomes).items():
-                params = {"queue": queue, "msg_ids": [o.message.msg_id for o in items],
-                          "delays": [o.retry_after_s for o in items],
-                          "errors": [Jsonb(o.error.as_json()) if o.error else None for o in items]}
-                conn.execute(sql("schedule_retries"), params)
-                conn.execute(sql("record_retries"), params)
+                params: dict[str, Any] = {
+                    "queue": queue, "msg_ids": [o.message.msg_id for o in items],
+                    "read_cts": [o.message.read_ct for o in items], "delays": [o.retry_after_s for o in items],
+                    "errors": [Jsonb(o.error.as_json()) if o.error else None for o in items]}
+                # fenced by the read count: a retry of a read whose lease was lost (the message read
+                # again elsewhere, or finished) touches neither the message nor its run
+                kept = [r["msg_id"] for r in conn.execute(_table("schedule_retries", f"q_{queue}"), params)]
+                conn.execute(sql("record_retries"), {**params, "kept": kept})
         if outcomes:
             self.db.run(tx)
 

@@ -24,6 +24,7 @@ class Twin:
     advance: Callable[[float], None]
     results: Callable[[str], list]
     headers: Callable[[str], list]
+    run_status: Callable[[str, int], str]
 
 
 def _pg_column(db: Database, column: str) -> Callable[[str], list]:
@@ -38,11 +39,14 @@ def twin(request):
     if request.param == "memory":
         clock = FakeClock()
         store = MemoryQueueStore(clock=clock)
-        yield Twin(store, MemoryStateStore(), clock.advance, store.messages, store.headers)
+        yield Twin(store, MemoryStateStore(), clock.advance, store.messages, store.headers,
+                   lambda queue, msg_id: store.runs[(queue, msg_id)]["status"])
         return
     db = Database(request.getfixturevalue("db_dsn")).open()
     yield Twin(PgQueueStore(db, "test:1"), PgStateStore(db), time.sleep, _pg_column(db, "message"),
-               _pg_column(db, "headers"))
+               _pg_column(db, "headers"), lambda queue, msg_id: db.run(lambda conn: conn.execute(
+                   "SELECT status FROM genesis.workflow_runs WHERE queue = %s AND msg_id = %s",
+                   (queue, msg_id)).fetchone())["status"])
     db.close()
 
 
@@ -147,3 +151,22 @@ def test_a_results_headers_are_its_requests_and_a_dead_letter_names_its_original
     assert twin.results(f"{Q}_dlq") == [{"n": 2}]
     assert twin.headers(f"{Q}_dlq") == [{"original_queue": Q, "original_msg_id": dead_id, "attempts": 1,
                                           "request_headers": {"correlation_id": "c-43"}}]
+
+
+def test_a_late_retry_from_a_lost_lease_touches_neither_the_message_nor_its_run(twin):
+    """Consumer 1's lease expires and consumer 2 reads the message again; consumer 1's handler then
+    fails transiently. Its retry must neither hide the message for its delay nor reopen the run."""
+    msg_id = twin.queues.send(Q, {"n": 1})
+    [first] = twin.queues.read(Q, 1, lease_s=1)
+    twin.advance(1.5)
+    [second] = twin.queues.read(Q, 1, lease_s=2)
+    assert second.msg_id == msg_id and second.read_ct == 2
+    twin.queues.retry([outcome(first, "retry", error=Failure("db", "lost"), retry_after_s=3600)])
+    twin.advance(2.5)
+    [third] = twin.queues.read(Q, 1, lease_s=30)       # consumer 2's lease ran out, not a 3600 s delay
+    assert third.msg_id == msg_id and third.read_ct == 3
+    assert twin.queues.complete([outcome(third)])
+    twin.queues.retry([outcome(second, "retry", error=Failure("db", "lost"), retry_after_s=3600)])
+    assert twin.run_status(Q, msg_id) == "completed"
+    [result] = twin.results(f"{Q}_results")
+    assert result["request"]["msg_id"] == msg_id and result["status"] == "completed"
