@@ -528,7 +528,7 @@ class Consumer:
             if self._listener is not None:
                 self._listener.join(LISTEN_SLICE_S + 5)
 
-    def _cancel_unfinished(self) -> dict[str, list[int]]:
+    def _cancel_unfinished(self) -> dict[str, list[ReadMessage]]:
         """Cancel every job still running (and wait, bounded, for the ones that overran): returns
         the messages of the cancelled jobs whose threads have returned, by queue. What a cancelled
         job returns is discarded: it is given back, not answered."""
@@ -540,12 +540,12 @@ class Consumer:
         until = time.monotonic() + self.options.give_back_wait_s
         for job in waited:
             job.returned.wait(max(0.0, until - time.monotonic()))
-        returned: dict[str, list[int]] = defaultdict(list)
+        returned: dict[str, list[ReadMessage]] = defaultdict(list)
         stuck = 0
         for job in unfinished:
             del self.running[job.key]
             if job.returned.is_set():
-                returned[job.task.message.queue].append(job.task.message.msg_id)
+                returned[job.task.message.queue].append(job.task.message)
             else:
                 stuck += 1
         if stuck:
@@ -555,7 +555,7 @@ class Consumer:
         self.collect()      # discards what the cancelled jobs returned
         return returned
 
-    def _write_back(self, returned: dict[str, list[int]]) -> None:
+    def _write_back(self, returned: dict[str, list[ReadMessage]]) -> None:
         """The outcomes still held, and the given-back messages, written once if the database is there."""
         pending = len(self.finals) + len(self.retries)
         given_back = sum(len(ids) for ids in returned.values())
@@ -566,9 +566,9 @@ class Consumer:
             return
         try:
             self.complete()
-            for queue_name, ids in returned.items():
-                log.warning("giving back %d unfinished message(s) of %s", len(ids), queue_name)
-                self.store.release(queue_name, ids)
+            for queue_name, messages in returned.items():
+                log.warning("giving back %d unfinished message(s) of %s", len(messages), queue_name)
+                self.store.release(queue_name, [m.msg_id for m in messages], [m.read_ct for m in messages])
         except StoreError as exc:
             if not is_transient(exc):
                 raise

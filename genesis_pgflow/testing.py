@@ -158,12 +158,14 @@ class MemoryQueueStore:
                     kept.add(msg_id)
             return kept
 
-    def release(self, queue: str, msg_ids: Sequence[int]) -> None:
+    def release(self, queue: str, msg_ids: Sequence[int], read_cts: Sequence[int] | None = None) -> None:
         self._fail()
         with self._lock:
-            for msg_id in msg_ids:
+            for msg_id, read_ct in zip(msg_ids, read_cts if read_cts is not None else [None] * len(msg_ids),
+                                       strict=True):
                 stored = self.queues[queue].get(msg_id)
-                if stored is not None and stored.vt > self.clock():    # still leased: the read is uncounted
+                if (stored is not None and stored.vt > self.clock()    # still leased: the read is uncounted
+                        and read_ct in (None, stored.read_ct)):
                     stored.vt = self.clock()
                     stored.read_ct = max(0, stored.read_ct - 1)
                     run = self.runs[(queue, msg_id)]

@@ -112,15 +112,16 @@ WHERE r.queue = %(queue)s AND r.msg_id = t.msg_id AND r.msg_id = ANY(%(kept)s::b
 SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(msg_ids)s::bigint[], %(lease_s)s)
 
 -- name: release_messages
--- Give leased messages back without spending an attempt: visible at once, the read that leased them uncounted.
-UPDATE pgmq.{table} SET vt = clock_timestamp(), read_ct = greatest(read_ct - 1, 0)
-WHERE msg_id = ANY(%(msg_ids)s::bigint[]) AND vt > clock_timestamp()
-RETURNING msg_id
+-- Give leased messages back without spending an attempt: visible at once, the read that leased them uncounted (only while that read, read_ct, still holds them, when given).
+UPDATE pgmq.{table} AS q SET vt = clock_timestamp(), read_ct = greatest(q.read_ct - 1, 0)
+FROM unnest(%(msg_ids)s::bigint[], %(read_cts)s::int[]) AS t(msg_id, read_ct)
+WHERE q.msg_id = t.msg_id AND q.vt > clock_timestamp() AND (t.read_ct IS NULL OR q.read_ct = t.read_ct)
+RETURNING q.msg_id
 
 -- name: release_runs
 -- Mark given-back runs pending (their messages are visible again), the attempt uncounted.
 UPDATE genesis.workflow_runs SET status = 'pending', updated_at = now(), attempts = greatest(attempts - 1, 0)
-WHERE queue = %(queue)s AND msg_id = ANY(%(msg_ids)s::bigint[]) AND status = 'running'
+WHERE queue = %(queue)s AND msg_id = ANY(%(released)s::bigint[]) AND status = 'running'
 
 -- name: queue_metrics
 -- pgmq's metrics of every queue.

@@ -53,9 +53,10 @@ class QueueStore(Protocol):
     def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:
         """Push the leases of in-flight messages ahead; returns the ids still in the queue."""
 
-    def release(self, queue: str, msg_ids: Sequence[int]) -> None:
+    def release(self, queue: str, msg_ids: Sequence[int], read_cts: Sequence[int] | None = None) -> None:
         """Give leased messages back (graceful shutdown): visible again at once, runs pending, and
-        the read that leased them not counted as an attempt."""
+        the read that leased them not counted as an attempt. With read_cts, only the messages
+        still held by those reads (a lease lost meanwhile is someone else's now)."""
 
     def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
         """Block until a message may have arrived in one of the queues, or timeout; True if woken.
@@ -224,14 +225,15 @@ class PgQueueStore:
         params = {"queue": queue, "msg_ids": list(msg_ids), "lease_s": lease_s}
         return {r["msg_id"] for r in self.db.run(lambda conn: conn.execute(sql("extend_leases"), params).fetchall())}
 
-    def release(self, queue: str, msg_ids: Sequence[int]) -> None:
+    def release(self, queue: str, msg_ids: Sequence[int], read_cts: Sequence[int] | None = None) -> None:
         if not msg_ids:
             return
-        params = {"queue": queue, "msg_ids": list(msg_ids)}
+        params: dict[str, Any] = {"queue": queue, "msg_ids": list(msg_ids),
+                                  "read_cts": list(read_cts) if read_cts is not None else [None] * len(msg_ids)}
 
         def tx(conn: Conn) -> None:
-            conn.execute(_table("release_messages", f"q_{queue}"), params)
-            conn.execute(sql("release_runs"), params)
+            released = [r["msg_id"] for r in conn.execute(_table("release_messages", f"q_{queue}"), params)]
+            conn.execute(sql("release_runs"), {**params, "released": released})
         self.db.run(tx)
 
     # --- waking on NOTIFY -----------------------------------------------------------------

@@ -170,3 +170,15 @@ def test_a_late_retry_from_a_lost_lease_touches_neither_the_message_nor_its_run(
     assert twin.run_status(Q, msg_id) == "completed"
     [result] = twin.results(f"{Q}_results")
     assert result["request"]["msg_id"] == msg_id and result["status"] == "completed"
+
+
+def test_a_give_back_of_a_lost_lease_leaves_the_new_holders_read_alone(twin):
+    msg_id = twin.queues.send(Q, {"n": 1})
+    [first] = twin.queues.read(Q, 1, lease_s=1)
+    twin.advance(1.5)
+    [second] = twin.queues.read(Q, 1, lease_s=30)
+    twin.queues.release(Q, [msg_id], [first.read_ct])     # consumer 1 shutting down, late
+    assert twin.queues.read(Q, 1, lease_s=30) == []       # still consumer 2's
+    twin.queues.release(Q, [msg_id], [second.read_ct])    # consumer 2's own give-back
+    [again] = twin.queues.read(Q, 1, lease_s=30)
+    assert again.msg_id == msg_id and again.read_ct == second.read_ct   # its read not counted

@@ -234,9 +234,9 @@ class Recorder(MemoryQueueStore):
         self.returned = returned
         self.released: list[tuple[list[int], bool]] = []
 
-    def release(self, queue, msg_ids):
+    def release(self, queue, msg_ids, read_cts=None):
         self.released.append((list(msg_ids), self.returned.is_set()))
-        super().release(queue, msg_ids)
+        super().release(queue, msg_ids, read_cts)
 
 
 def test_shutdown_waits_for_cancelled_work_to_return_before_giving_it_back(clock):
