@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from genesis_pgflow.errors import DatabaseUnavailable
+from genesis_pgflow.store.queries import sql
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -360,3 +361,22 @@ class Database:
                 if conn.broken or conn.closed:
                     self.drop(pool)
                 raise
+
+
+@contextmanager
+def maintenance_lock(db: Database, job: str) -> Iterator[bool]:
+    """One maintenance job's session-level advisory lock, on a pooled connection of its own held for
+    the whole job (a transaction lock would keep one transaction open across file-system work or
+    many batches). Yields False at once when another process holds it; the lock goes with the
+    connection if this process dies."""
+    with db.connection() as conn:
+        conn.autocommit = True
+        try:
+            locked = bool(one(conn.execute(sql("maintenance_try_lock"), {"job": job}))["locked"])
+            try:
+                yield locked
+            finally:
+                if locked:
+                    conn.execute(sql("maintenance_unlock"), {"job": job})
+        finally:
+            conn.autocommit = False

@@ -16,13 +16,13 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from psycopg.types.json import Jsonb
 
-from genesis_pgflow.store.database import Conn, Database, one
+from genesis_pgflow.store.database import Conn, Database, maintenance_lock, one
 from genesis_pgflow.store.queries import sql
 
 SANDBOX_EVENTS = ("created", "rolled_back", "preserved", "cleaned_up", "integrity_ok", "integrity_failed")
@@ -217,23 +217,8 @@ class PgExperimentRecords:
         return self.db.run(lambda conn: conn.execute(sql("sandbox_events_list"), {
             "experiment_id": experiment_id, "event": event, "limit": limit}).fetchall())
 
-    @contextmanager
-    def maintenance_lock(self, job: str) -> Iterator[bool]:
-        # A session-level lock on a connection of its own, held for the whole job: a transaction
-        # lock would have to keep one transaction open across file-system work. The lock goes
-        # with the connection if this process dies.
-        with self.db.connection() as conn:
-            conn.autocommit = True
-            try:
-                locked = bool(one(conn.execute(sql("maintenance_try_lock"), {"job": job}))["locked"])
-                try:
-                    yield locked
-                finally:
-                    if locked:
-                        conn.execute(sql("maintenance_unlock"), {"job": job})
-            finally:
-                conn.autocommit = False
-
+    def maintenance_lock(self, job: str) -> AbstractContextManager[bool]:
+        return maintenance_lock(self.db, job)
 
     @contextmanager
     def experiment_slot(self, limit: int) -> Iterator[bool]:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from psycopg import sql as pgsql
 
 from genesis_pgflow.messages import QUEUES, all_queue_names
 from genesis_pgflow.settings import Settings
-from genesis_pgflow.store.database import Conn, Database, one
+from genesis_pgflow.store.database import Conn, Database, maintenance_lock, one
 from genesis_pgflow.store.queries import sql
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class PgRetention:
         return self.db.run(lambda conn: int(one(conn.execute(statement, {"before": before}))["n"]))
 
     def _lock(self) -> AbstractContextManager[bool]:
-        return _session_lock(self.db, RETENTION_JOB)
+        return maintenance_lock(self.db, RETENTION_JOB)
 
 
 def _statement(query: str, table: str) -> pgsql.Composed:
@@ -182,27 +182,8 @@ def _statement(query: str, table: str) -> pgsql.Composed:
     return pgsql.SQL(sql(query)).format(table=pgsql.Identifier(table.removeprefix("pgmq.")))
 
 
-@contextmanager
-def _session_lock(db: Database, job: str) -> Iterator[bool]:
-    """The job's session-level advisory lock (the maintenance jobs' key space) on a connection of
-    its own, held for the whole prune: every batch commits on its own, so a transaction lock would
-    not do. Yields False at once when another process holds it; goes with the connection if this
-    process dies."""
-    with db.connection() as conn:
-        conn.autocommit = True
-        try:
-            locked = bool(one(conn.execute(sql("maintenance_try_lock"), {"job": job}))["locked"])
-            try:
-                yield locked
-            finally:
-                if locked:
-                    conn.execute(sql("maintenance_unlock"), {"job": job})
-        finally:
-            conn.autocommit = False
-
-
-# The consumer's periodic jobs share one thread with its heartbeat (gone after 3 silent
-# intervals): a scheduled prune stops starting batches after this long and goes on at its next run.
+# A scheduled prune stops starting batches after this long and goes on at its next run, so that
+# one run never holds the retention lock (and a consumer's thread) for long.
 SCHEDULED_BUDGET_S = 5.0
 
 
