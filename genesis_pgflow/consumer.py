@@ -612,7 +612,8 @@ class Consumer:
                         job()
                     except Exception as exc:  # noqa: BLE001 - a failing maintenance job must not stop consuming
                         if isinstance(exc, StoreError) and is_transient(exc):
-                            log.warning("periodic job %s skipped: database unavailable (%s)", name, first_line(exc))
+                            # the outage as the loop sees it: one line when it begins, silence after
+                            self.outage.failed(exc, budget=False)
                         else:
                             log.exception("periodic job %s failed", name)
             self.stopping.wait(max(0.1, due - self.monotonic()))
