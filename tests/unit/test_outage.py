@@ -16,25 +16,9 @@ from genesis_pgflow.errors import DatabaseUnavailable
 from genesis_pgflow.store.database import is_connection_error, is_transient
 from genesis_pgflow.testing import FakeClock, MemoryQueueStore, wait_until
 
-Q = "genesis_rule_updates"
-RESULTS = "genesis_rule_updates_results"
+from .test_consumer import RESULTS, Handler, Q, rule
+
 REFUSED = psycopg.OperationalError("connection failed: connection refused")
-
-
-def rule(i: int = 1) -> dict:
-    return {"type": "genesis_rule_update", "namespace": "ns", "rule_id": f"r{i}", "confidence": 0.9, "rule": {}}
-
-
-class Handler:
-    payload_type = "genesis_rule_update"
-
-    def __init__(self, action=None):
-        self.action = action or (lambda payload, ctx: {"status": "applied", "rule_id": payload.rule_id})
-        self.calls = 0
-
-    def __call__(self, payload, ctx):
-        self.calls += 1
-        return self.action(payload, ctx)
 
 
 @pytest.fixture
