@@ -238,9 +238,10 @@ def lifecycle_machine(make_adapter: Callable[[], Adapter]) -> type[RuleBasedStat
                 return
             assert outcome.kind == "retry" and lease.read_ct < MAX_ATTEMPTS
             self.store.retry([outcome])
-            # a retry delays the message (if still queued); it stays invisible until time passes
+            # a retry delays the message if still queued and this read is its latest; it stays
+            # invisible until time passes. A stale lease's retry (read again since) changes nothing.
             model = self.model[lease.task.message.msg_id]
-            if not model.done:
+            if not model.done and lease.read_ct == model.read_ct:
                 model.visible = False
 
         @rule(lease=consumes(leases))
