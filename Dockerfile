@@ -52,8 +52,10 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv tini git ca-certificates ${TOOLCHAINS} \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=wheel /dist/ /tmp/dist/
+# the image gets the versions the tests ran with: requirements-dev.lock as constraints
+COPY requirements-dev.lock /tmp/dist/
 RUN python3 -m venv /opt/genesis/venv \
-    && /opt/genesis/venv/bin/pip install --no-cache-dir --quiet /tmp/dist/*.whl \
+    && /opt/genesis/venv/bin/pip install --no-cache-dir --quiet -c /tmp/dist/requirements-dev.lock /tmp/dist/*.whl \
     && rm -rf /tmp/dist
 COPY --from=npm-tools /opt/genesis/tools /opt/genesis/tools
 # the analysers look for the npm tools in <site-packages>/.tools

@@ -6,18 +6,27 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps run test test-unit bench soak lint clean
+.PHONY: help install lock system-deps run test test-unit bench soak lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(BIN)/.installed: pyproject.toml
+# the versions of requirements-dev.lock (constraints: pyproject.toml says what, the lock which version)
+$(BIN)/.installed: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c requirements-dev.lock -e '.[test]'
 	touch $@
 
 install: $(BIN)/.installed ## create .venv and install the project with its test tools
+
+lock: ## re-resolve requirements-dev.lock from pyproject.toml (the newest versions allowed), then reinstall
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/python -m uv pip compile pyproject.toml --extra test --python-version 3.11 \
+		--python-platform x86_64-unknown-linux-gnu --no-header --annotation-style line -o requirements-dev.lock
+	rm -f $(BIN)/.installed
+	$(MAKE) install
 
 system-deps: ## install the system packages the sandbox and analysers need (bubblewrap, elixir, node tools)
 	bash scripts/system-deps.sh
