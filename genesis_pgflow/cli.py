@@ -21,7 +21,9 @@ from pydantic import ValidationError
 from genesis_pgflow import maintenance, metrics
 from genesis_pgflow.app import App, resolve_dsn, upgrade_database
 from genesis_pgflow.errors import ConfigurationError
-from genesis_pgflow.messages import REDACTED, REQUEST_QUEUES, all_queue_names, redact
+from genesis_pgflow.messages import REQUEST_QUEUES, all_queue_names, redact
+from genesis_pgflow.messages import safe_error as _safe_error
+from genesis_pgflow.messages import scrub as _scrub
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.admin import PgAdminStore, package_version, shown_dsn
 from genesis_pgflow.store.retention import PgRetention, RetentionPolicy
@@ -32,20 +34,7 @@ log = logging.getLogger("genesis_pgflow")
 
 # what a log call may pass in `extra=` to appear as a field of its line
 LOG_FIELDS = ("queue", "msg_id", "workflow_id", "type", "status", "code", "attempt", "duration_ms")
-# a secret written as key=value, key: value or "key": "value" in free text, and a URL's password
-_SECRET_PAIR = re.compile(r"""(?P<key>["']?[\w.-]*(?:api[_-]?key|token|secret|password|passwd|credential|"""
-                          r"""authorization)[\w.-]*["']?\s*[:=]\s*)(?P<value>"[^"]*"|'[^']*'|[^\s,;&}\]]+)""", re.I)
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _scrub(text: str) -> str:
-    """Free text with the secrets it may quote replaced by the redaction marker."""
-    def pair(match: re.Match[str]) -> str:
-        quote = match["value"][0] if match["value"][0] in "\"'" else ""
-        return f"{match['key']}{quote}{REDACTED}{quote}"
-
-    return _URL_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}@", _SECRET_PAIR.sub(pair, text))
 
 
 def _message(record: logging.LogRecord) -> str:
@@ -431,16 +420,6 @@ def _age(seconds: float | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"
     return f"{seconds:.1f}s"
-
-
-def _safe_error(error: Any) -> Any:
-    """An error object as operators see it: secrets in its details redacted, in its message scrubbed."""
-    if not isinstance(error, dict):
-        return error
-    safe = redact(error)
-    if isinstance(safe.get("message"), str):
-        safe["message"] = _scrub(safe["message"])
-    return safe
 
 
 # --- genesis commands: one function each -------------------------------------------------------

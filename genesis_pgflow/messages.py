@@ -63,6 +63,32 @@ def redact(value: Any) -> Any:
     return value
 
 
+# a secret written as key=value, key: value or "key": "value" in free text, and a URL's password
+_SECRET_PAIR = re.compile(r"""(?P<key>["']?[\w.-]*(?:api[_-]?key|token|secret|password|passwd|credential|"""
+                          r"""authorization)[\w.-]*["']?\s*[:=]\s*)(?P<value>"[^"]*"|'[^']*'|[^\s,;&}\]]+)""", re.I)
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I)
+
+
+def scrub(text: str) -> str:
+    """Free text (an error message, a log line) with the secrets it may quote replaced by the
+    redaction marker: what redact() does for named fields, for text whose fields have no names."""
+    def pair(match: re.Match[str]) -> str:
+        quote = match["value"][0] if match["value"][0] in "\"'" else ""
+        return f"{match['key']}{quote}{REDACTED}{quote}"
+
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}@", _SECRET_PAIR.sub(pair, text))
+
+
+def safe_error(error: Any) -> Any:
+    """An error object as operators see it: secrets in its details redacted, in its message scrubbed."""
+    if not isinstance(error, dict):
+        return error
+    safe = redact(error)
+    if isinstance(safe.get("message"), str):
+        safe["message"] = scrub(safe["message"])
+    return safe
+
+
 # --- payloads -----------------------------------------------------------------------------
 
 
