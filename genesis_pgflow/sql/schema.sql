@@ -60,3 +60,19 @@ SELECT to_regclass('genesis.alembic_version') IS NOT NULL
 -- name: schema_revision
 -- The genesis schema's Alembic revision.
 SELECT version_num FROM genesis.alembic_version LIMIT 1
+
+-- name: scrubbed_archives
+-- Queues whose pgmq archive has the scrub trigger (migration 0006: archived copies keep no secret).
+SELECT substr(c.relname, 3) AS queue_name
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'pgmq' AND t.tgname = 'scrub_archived' AND NOT t.tgisinternal AND c.relname LIKE 'a\_%'
+
+-- name: create_scrub_trigger
+-- Scrub each copy archived into this pgmq archive from now on.
+CREATE TRIGGER scrub_archived BEFORE INSERT ON pgmq.{table}
+FOR EACH ROW EXECUTE FUNCTION genesis.scrub_archived()
+
+-- name: scrub_archive
+-- Scrub the copies already in this pgmq archive (archived while it had no trigger).
+UPDATE pgmq.{table} SET message = genesis.redact(message), headers = genesis.redact(headers)
+WHERE message IS DISTINCT FROM genesis.redact(message) OR headers IS DISTINCT FROM genesis.redact(headers)

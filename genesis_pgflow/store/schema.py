@@ -96,6 +96,27 @@ def _ensure_wakeups(conn: psycopg.Connection) -> None:
                 conn.execute(pgsql.SQL(sql("create_wakeup_trigger")).format(table=pgsql.Identifier(f"q_{name}")))
 
 
+# the archives that may hold LLM settings (migration 0006 scrubs what is archived into them)
+SCRUBBED_QUEUES = ("genesis_llm_config_updates", "genesis_llm_config_updates_dlq")
+
+
+def _ensure_scrubbing(conn: psycopg.Connection) -> list[str]:
+    """Put back the scrub trigger where an archive lost it: a queue a DBA dropped and `db upgrade`
+    created again gets a new archive, which the migration (run once) never saw. What was archived
+    meanwhile is scrubbed in the same transaction."""
+    scrubbed = {row[0] for row in conn.execute(sql("scrubbed_archives"))}
+    restored = []
+    for name in SCRUBBED_QUEUES:
+        if name in scrubbed:
+            continue
+        table = pgsql.Identifier(f"a_{name}")
+        with conn.transaction():
+            conn.execute(pgsql.SQL(sql("create_scrub_trigger")).format(table=table))
+            conn.execute(pgsql.SQL(sql("scrub_archive")).format(table=table))
+        restored.append(name)
+    return restored
+
+
 def _migrate(dsn: str) -> None:
     engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=NullPool)
     try:
@@ -120,6 +141,9 @@ def upgrade(dsn: str) -> UpgradeReport:
             _migrate(dsn)
             report.revision_after = _current_revision(conn)
             _ensure_wakeups(conn)
+            restored = _ensure_scrubbing(conn)
+            if restored:
+                log.warning("the archive scrub trigger was missing and is back on: %s", ", ".join(restored))
         finally:
             conn.execute(sql("advisory_unlock"), {"key": UPGRADE_LOCK})
     log.info("database upgraded: pgmq %s, %d queue(s) created, revision %s -> %s", report.pgmq,
@@ -143,6 +167,10 @@ def problems(dsn: str) -> list[str]:
         unwoken = sorted(set(REQUEST_QUEUES) - {row[0] for row in conn.execute(sql("wakeup_queues"))})
         if unwoken:
             found.append(f"no wake-up trigger on: {', '.join(unwoken)}")
+        scrubbed = {row[0] for row in conn.execute(sql("scrubbed_archives"))}
+        unscrubbed = [name for name in SCRUBBED_QUEUES if name not in scrubbed]
+        if unscrubbed:
+            found.append(f"no archive scrub trigger on: {', '.join(unscrubbed)}")
         return found
 
 

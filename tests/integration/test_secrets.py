@@ -23,6 +23,7 @@ from genesis_pgflow.cipher import SEALED_PREFIX, SecretCipher, SecretKeyError
 from genesis_pgflow.cli import admin_main
 from genesis_pgflow.messages import redact
 from genesis_pgflow.settings import Settings
+from genesis_pgflow.store import schema
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.state import LlmConfig, PgStateStore
 
@@ -209,3 +210,23 @@ def test_a_body_of_any_depth_is_archived(db_dsn: str) -> None:
     msg_id = query(db_dsn, "SELECT pgmq.send(%s, %s::jsonb) AS id", (LLM, '{"settings": {"x": ' + deep + "}}"))[0]["id"]
     assert query(db_dsn, "SELECT pgmq.archive(%s, %s::bigint) AS ok", (LLM, msg_id))[0]["ok"]
     assert query(db_dsn, f"SELECT message FROM pgmq.a_{LLM}")[0]["message"]["settings"]["x"][0]
+
+
+def test_a_recreated_queue_gets_its_archive_scrubbed_again_by_db_upgrade(db_dsn: str) -> None:
+    """A DBA drops the LLM queue; until `genesis db upgrade` the new archive has no scrub trigger
+    (the migration ran once) and the database reads as behind; the upgrade puts the trigger back
+    and scrubs what was archived meanwhile."""
+    secret = "sk-live-" + uuid.uuid4().hex
+    query(db_dsn, "SELECT pgmq.drop_queue(%s)", (LLM,))
+    query(db_dsn, "SELECT pgmq.create(%s)", (LLM,))
+    before = send(db_dsn, llm_update(secret))
+    query(db_dsn, "SELECT pgmq.archive(%s, %s::bigint)", (LLM, before))
+    assert tables_holding(db_dsn, secret) == [f'pgmq."a_{LLM}"']
+    assert any("scrub" in problem for problem in schema.problems(db_dsn))
+
+    assert admin_main(["db", "upgrade", "--dsn", db_dsn]) == 0
+    assert tables_holding(db_dsn, secret) == []
+    after = send(db_dsn, llm_update(secret))
+    query(db_dsn, "SELECT pgmq.archive(%s, %s::bigint)", (LLM, after))
+    assert tables_holding(db_dsn, secret) == []
+    assert schema.problems(db_dsn) == []
