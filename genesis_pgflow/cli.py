@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from genesis_pgflow import maintenance, metrics
+from genesis_pgflow import dashboard, maintenance, metrics
 from genesis_pgflow.app import App, resolve_dsn, upgrade_database
 from genesis_pgflow.errors import ConfigurationError
 from genesis_pgflow.messages import REQUEST_QUEUES, all_queue_names, redact
@@ -157,6 +158,8 @@ def consume_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-migrate", action="store_true", help="do not upgrade the database; exit 2 if it is behind")
     p.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
     p.add_argument("--metrics-host", help="address the metrics port listens on (default 127.0.0.1)")
+    p.add_argument("--dashboard-actions", action="store_true", default=None,
+                   help="let the dashboard on the metrics port requeue dead letters and pause queues (default off)")
     p.add_argument("--log-format", choices=["text", "json"], help="log format (default text)")
     return p
 
@@ -172,7 +175,7 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
             max_payload_bytes=args.max_payload_bytes,
             queues=tuple(q.strip() for q in args.queues.split(",") if q.strip()) if args.queues else None,
             drain=args.drain, migrate=False if args.no_migrate else None, metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host, log_format=args.log_format)
+            metrics_host=args.metrics_host, dashboard_actions=args.dashboard_actions, log_format=args.log_format)
         setup_logging(settings.log_format, settings.log_level)
         app = App.open(settings)
         try:
@@ -327,6 +330,13 @@ def admin_parser() -> argparse.ArgumentParser:
                                            "retention ages (GENESIS_RETENTION_*_DAYS); never dead letters")
     prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
     prune.add_argument("--json", action="store_true")
+
+    board = _command(sub, "dashboard", _dashboard, "serve the dashboard (queues, consumers, failures, dead letters, "
+                                                   "experiments) for a browser, read-only unless --actions")
+    board.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    board.add_argument("--port", type=int, default=8642, help="port to listen on (default 8642; 0: any free one)")
+    board.add_argument("--actions", action="store_true",
+                       help="allow requeueing dead letters and pausing queues from the page (POST, with its token)")
 
     secrets = _group(sub, "secrets", "the key sealing stored secrets (GENESIS_SECRET_KEY)")
     _command(secrets, "rotate", _secrets_rotate, "re-seal every stored secret with the first key of GENESIS_SECRET_KEY")
@@ -638,4 +648,20 @@ def _secrets_rotate(app: App, args: argparse.Namespace) -> int:
     changed = app.state.reseal_secrets()
     print(f"re-sealed with the first key: the secrets of {changed['configurations']} stored LLM configuration(s) "
           f"and {changed['dead_letters']} dead letter(s)")
+    return EXIT_OK
+
+
+def _dashboard(app: App, args: argparse.Namespace) -> int:
+    board = dashboard.Dashboard.for_app(app, actions=args.actions, bind_host=args.host, served_by="genesis dashboard")
+    server = metrics.serve_http(args.host, args.port, board.get_routes(), board.post_routes(), what="dashboard")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    try:
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        mode = "actions enabled" if args.actions else "read-only"
+        print(f"dashboard on http://{shown}:{server.server_port}/ ({mode}); Ctrl-C to stop", flush=True)
+        stop.wait()     # until SIGTERM, or Ctrl-C (KeyboardInterrupt: exit 0)
+    finally:
+        server.shutdown()
+        server.server_close()
     return EXIT_OK

@@ -13,14 +13,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from genesis_pgflow.app import App
+from genesis_pgflow.app import App, consumer_name
 from genesis_pgflow.consumer import Consumer
+from genesis_pgflow.dashboard import Dashboard
 from genesis_pgflow.errors import ConfigurationError
 from genesis_pgflow.messages import QUEUES, Outcome, all_queue_names
 from genesis_pgflow.store import schema
@@ -312,9 +314,20 @@ class ConsumerMetrics(Collector):
 
 # --- HTTP ---------------------------------------------------------------------------------
 
-# path -> () -> (HTTP status, content type, body); the dashboard adds its own
+# path -> () -> (HTTP status, content type, body)
 Route = Callable[[], tuple[int, str, bytes]]
+# path -> (request headers with lower-case names, request body) -> (HTTP status, content type, body)
+Handler = Callable[[Mapping[str, str], bytes], tuple[int, str, bytes]]
 TEXT = "text/plain; charset=utf-8"
+MAX_POST_BYTES = 16 * 1024
+# every answer: no sniffing, no framing, scripts and styles only from this server (the dashboard's)
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+}
 
 
 def routes(metrics: ConsumerMetrics) -> dict[str, Route]:
@@ -332,54 +345,91 @@ def routes(metrics: ConsumerMetrics) -> dict[str, Route]:
     }
 
 
+def _plain(route: Route) -> Handler:
+    return lambda _headers, _body: route()
+
+
 def serve(metrics: ConsumerMetrics, host: str = "127.0.0.1", port: int = 0,
-          extra: Mapping[str, Route] | None = None) -> ThreadingHTTPServer:
-    """Serve the routes in daemon threads; the caller shuts the server down. A port that cannot be
-    bound is a ConfigurationError (exit 2) naming it."""
-    table = {**routes(metrics), **(extra or {})}
+          extra: Mapping[str, Route] | None = None, dashboard: Dashboard | None = None) -> ThreadingHTTPServer:
+    """Serve the metrics routes (and the dashboard's, which take / over) in daemon threads; the
+    caller shuts the server down. A port that cannot be bound is a ConfigurationError (exit 2)."""
+    get = {path: _plain(route) for path, route in {**routes(metrics), **(extra or {})}.items()}
+    if dashboard is not None:
+        get.update(dashboard.get_routes())
+    return serve_http(host, port, get, dashboard.post_routes() if dashboard is not None else {})
+
+
+def serve_http(host: str, port: int, get: Mapping[str, Handler], post: Mapping[str, Handler],
+               what: str = "metrics") -> ThreadingHTTPServer:
+    """GET (and HEAD) and POST routes in daemon threads. A path with no route is 404; a path
+    routed for the other method only is 405. `what` names the port in a binding error."""
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 10        # a client that sends nothing does not hold a thread for ever
 
-        def _answer(self, with_body: bool) -> None:
+        def _route(self, table: Mapping[str, Any], other: Mapping[str, Any]) -> tuple[str, Any]:
             path = urlsplit(self.path).path
-            route = table.get(path if path == "/" else path.rstrip("/"))
+            path = path if path == "/" else path.rstrip("/")
+            route = table.get(path)
             if route is None:
-                self.send_error(404)
-                return
+                self.send_error(405 if path in other else 404)
+            return path, route
+
+        def _answer(self, path: str, route: Any, body: bytes, with_body: bool) -> None:
+            headers = {name.lower(): value for name, value in self.headers.items()}
             try:
-                status, content_type, body = route()
+                status, content_type, content = route(headers, body)
             except Exception:  # noqa: BLE001 - one failing page must not take the server down
-                log.exception("metrics: %s failed", path)
+                log.exception("http: %s failed", path)
                 self.send_error(500)
                 return
             self.send_response(status)
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(content)))
             self.send_header("Cache-Control", "no-store")
+            for name, value in SECURITY_HEADERS.items():
+                self.send_header(name, value)
             self.end_headers()
             if with_body:
-                self.wfile.write(body)
+                self.wfile.write(content)
 
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
-            self._answer(with_body=True)
+            path, route = self._route(get, post)
+            if route is not None:
+                self._answer(path, route, b"", with_body=True)
 
         def do_HEAD(self) -> None:  # noqa: N802 - the http.server API
-            self._answer(with_body=False)
+            path, route = self._route(get, post)
+            if route is not None:
+                self._answer(path, route, b"", with_body=False)
+
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            path, route = self._route(post, get)
+            if route is None:
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.send_error(411)
+                return
+            if not 0 <= length <= MAX_POST_BYTES:
+                self.send_error(413)
+                return
+            self._answer(path, route, self.rfile.read(length), with_body=True)
 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = _bind(host, port, Handler)
-    threading.Thread(target=server.serve_forever, name="genesis-metrics", daemon=True).start()
+    server = _bind(host, port, Handler, what)
+    threading.Thread(target=server.serve_forever, name=f"genesis-{what}", daemon=True).start()
     return server
 
 
-def _bind(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+def _bind(host: str, port: int, handler: type[BaseHTTPRequestHandler], what: str = "metrics") -> ThreadingHTTPServer:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     except OSError as exc:
-        raise ConfigurationError(f"metrics host {host!r} cannot be resolved: {exc.strerror or exc}") from None
+        raise ConfigurationError(f"{what} host {host!r} cannot be resolved: {exc.strerror or exc}") from None
 
     class Server(ThreadingHTTPServer):
         address_family = family
@@ -394,19 +444,23 @@ def _bind(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> Thread
         return Server((host, port), handler)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise ConfigurationError(f"metrics port {port} on {host} is already in use") from None
-        raise ConfigurationError(f"cannot serve metrics on {host} port {port}: {exc.strerror or exc}") from None
+            raise ConfigurationError(f"{what} port {port} on {host} is already in use") from None
+        raise ConfigurationError(f"cannot serve {what} on {host} port {port}: {exc.strerror or exc}") from None
 
 
 @contextmanager
 def serving(app: App, consumer: Consumer, host: str, port: int) -> Iterator[ConsumerMetrics]:
     """`genesis-consume --metrics-port`: the consumer's metrics served while the block runs."""
     watched = ConsumerMetrics.for_app(app, consumer)
+    actions = app.settings.dashboard_actions
+    board = Dashboard.for_app(app, actions=actions, bind_host=host, served_by=f"genesis-consume {consumer_name()}")
     try:
-        server = serve(watched, host, port)
+        server = serve(watched, host, port, dashboard=board)
         try:
-            log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", f"[{host}]" if ":" in host else host,
-                     server.server_address[1])
+            shown = f"[{host}]" if ":" in host else host
+            log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz); dashboard on http://%s:%d/ (%s)",
+                     shown, server.server_address[1], shown, server.server_address[1],
+                     "actions enabled" if actions else "read-only")
             yield watched
         finally:
             server.shutdown()

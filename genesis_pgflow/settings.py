@@ -55,6 +55,9 @@ class Settings(BaseModel):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # the address /metrics, /healthz and /readyz listen on (0.0.0.0 or :: for every interface)
     metrics_host: str = Field(default="127.0.0.1", min_length=1)
+    # the dashboard on the metrics port may requeue dead letters and pause queues (POST, with the
+    # page's token); off: it only shows
+    dashboard_actions: bool = False
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 

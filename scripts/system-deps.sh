@@ -6,6 +6,7 @@
 #   elixir              Elixir analysis (pulls in Erlang/OTP) and ExUnit tests
 #   python3-pytest      pytest for the sandbox's /usr/bin/python3
 #   nodejs              JavaScript/TypeScript tests (`node --test`) and the npm tools below
+#   chromium            the dashboard's browser test (Playwright drives Debian's build; no download)
 #   npm tools           Biome (linting) and TypeScript (parser for the JS/TS security rules),
 #                       installed with npm into $GENESIS_TOOLS_DIR (default <repo>/.tools/)
 # Idempotent: exits 0 at once when everything is present. Run as root (or with sudo).
@@ -22,6 +23,7 @@ declare -A apt_for=(
   [prlimit]=util-linux
   [setpriv]=util-linux
   [node]=nodejs
+  [chromium]=chromium
 )
 missing=()
 for command in "${!apt_for[@]}"; do
