@@ -1,0 +1,126 @@
+"""The experiment's pure policy: which tests a risk level runs, what the two runs measure, and the
+decision taken on it. Nothing here runs anything or touches the records, so every rule is
+testable on its own (tests/unit/test_experiments.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from genesis_pgflow.suite import TestRun
+
+Status = Literal["success", "regressed", "failed"]
+Recommendation = Literal["merge", "merge_with_review", "reject"]
+
+
+# --- which tests a risk level runs ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestSelection:
+    """The pytest arguments one risk level adds: the paths that exist among `paths`, else the
+    marker expression; both empty means the whole suite."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    paths: tuple[str, ...] = ()
+    marker: str | None = None
+
+    def pytest_args(self, root: Path) -> list[str]:
+        present = [p for p in self.paths if (root / p).is_dir() and not (root / p).is_symlink()]
+        if present:
+            return present
+        return ["-m", self.marker] if self.marker else []
+
+
+# low: unit tests; medium: unit and integration tests; high: the whole suite. By path when the
+# repository has tests/unit and tests/integration, else by marker. A selection that collects
+# nothing falls back to the whole suite.
+DEFAULT_SELECTION: Mapping[str, TestSelection] = {
+    "low": TestSelection(("tests/unit",), "not integration and not slow and not e2e"),
+    "medium": TestSelection(("tests/unit", "tests/integration"), "not slow and not e2e"),
+    "high": TestSelection(),
+}
+
+
+# --- metrics and the decision ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metrics:
+    success_rate: float
+    regression: float
+    baseline_success_rate: float
+    test_count: int
+    failures: int
+    duration_ms: float
+    new_failures: int = 0  # tests that passed at the baseline and not after the change
+
+    def as_json(self) -> dict[str, Any]:
+        return {"success_rate": round(self.success_rate, 6), "regression": round(self.regression, 6),
+                "baseline_success_rate": round(self.baseline_success_rate, 6), "test_count": self.test_count,
+                "failures": self.failures, "duration_ms": round(self.duration_ms, 3)}
+
+
+def measure(baseline: TestRun, change: TestRun, duration_ms: float) -> Metrics:
+    """Compare the two runs. A test that passed at the baseline and failed, errored or disappeared
+    after the change counts as regressed (one that became skipped does not)."""
+    before = baseline.passed
+    broken = {t for t in before if change.outcomes.get(t) in ("failed", "error", None)}
+    return Metrics(
+        success_rate=change.success_rate,
+        regression=len(broken) / len(before) if before else 0.0,
+        baseline_success_rate=baseline.success_rate,
+        test_count=change.test_count,
+        failures=change.count("failed") + change.count("error"),
+        duration_ms=duration_ms,
+        new_failures=len(broken),
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: Status
+    recommendation: Recommendation
+    rollback: bool
+    reason: str
+
+
+def decide(metrics: Metrics, *, risk_level: str, threshold: float, measured: bool = True,
+           flags: Sequence[str] = (), problems: Sequence[str] = ()) -> Decision:
+    """The documented rules, in order:
+
+    1. regression > threshold                      -> regressed, reject, rolled back
+    2. the change could not be measured, or its
+       success_rate < baseline_success_rate        -> failed, reject (kept for analysis)
+    3. risk high, no tests ran, no test passes after
+       the change, some test that
+       passed at the baseline fails now, or a flag
+       (the change touches the test configuration
+       or a hook rewrote a report)                  -> success, merge_with_review
+    4. otherwise                                    -> success, merge
+    """
+    if metrics.regression > threshold:
+        return Decision("regressed", "reject", True,
+                        f"regression {metrics.regression:.3f} is above the threshold {threshold:.3f}")
+    if not measured:
+        why = f": {problems[0]}" if problems else ""
+        return Decision("failed", "reject", False, f"the tests could not be run after the change{why}")
+    if metrics.success_rate < metrics.baseline_success_rate - 1e-9:
+        return Decision("failed", "reject", False,
+                        f"success rate fell from {metrics.baseline_success_rate:.3f} to {metrics.success_rate:.3f}")
+    if risk_level == "high":
+        return Decision("success", "merge_with_review", False, "high-risk changes are always reviewed")
+    if metrics.test_count == 0:
+        return Decision("success", "merge_with_review", False, "no test measured the change")
+    if metrics.success_rate == 0:
+        return Decision("success", "merge_with_review", False, "no test passes, before or after the change")
+    if metrics.new_failures:
+        return Decision("success", "merge_with_review", False,
+                        f"{metrics.new_failures} test(s) that passed at the baseline fail now")
+    if flags:
+        # the change may have changed how tests report (suite.test_config_changes): a person looks
+        return Decision("success", "merge_with_review", False, f"flagged: {', '.join(flags)}")
+    return Decision("success", "merge", False, "no regression")

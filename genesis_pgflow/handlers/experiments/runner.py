@@ -1,0 +1,404 @@
+"""ExperimentRunner: the handler of genesis_experiment_request. It only sequences the phases; what
+they measure and decide is policy.py, how a suite runs is suite.py, how the copy is made and
+rolled back is workspace.py, who may run now is slots.py.
+
+One experiment, start to end:
+
+0. admit: `repo` must be allowed by GENESIS_REPO_ALLOW (checked before anything of it is read),
+   the experiment_id must not belong to another instance_id (experiment_id_taken), and no other
+   consumer may be running it (an advisory lock held for the whole experiment; experiment_busy,
+   retried later, when it is); the producer's oldest kept copies go first when it is over its caps.
+   A re-send of an id by the instance that owns it is a new attempt: its copy is made afresh and
+   its record counts one more attempt;
+1. copy: fetch `repo` at `base_ref` into <home>/sandboxes/<experiment_id>/ (workspace.py), at
+   most GENESIS_EXPERIMENT_MAX_COPY_MB;
+2. baseline: run the test suite there, in the sandbox (sandbox.py), per-test outcomes from the runner's
+   report channel, never from the suite's output (suite.py);
+   each run writes to a capped scratch over the copy (Workspace.scratch), never to the copy itself;
+3. change: apply `changes` (whole files, or a unified diff checked by `git apply --check`), commit
+   on branch experiment/<experiment_id>, run the same tests again;
+4. measure: success_rate, regression (the share of tests that passed at the baseline and do not
+   pass after the change), test_count, failures, duration_ms;
+5. decide: regression above the threshold rolls the copy back to the baseline commit; recommend
+   merge, merge_with_review or reject (see policy.decide).
+
+Every step is recorded through ExperimentRecords. A timeout (the request's timeout_ms, else
+settings.experiment_timeout_ms, never past the consumer's deadline) rolls back and fails the
+experiment with WorkflowTimeout. At most settings.max_experiments_concurrent experiments run at
+once in one process, whatever the consumer's parallelism, and as many across every consumer of
+the database (slots.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genesis_pgflow import maintenance
+from genesis_pgflow.errors import ConfigurationError, GenesisError, SandboxUnavailable, WorkflowTimeout
+from genesis_pgflow.handlers.base import WorkContext
+from genesis_pgflow.handlers.experiments.errors import (
+    ExperimentIdTaken,
+    ExperimentTimedOut,
+    ExperimentUnmeasurable,
+    UnexpectedFailure,
+)
+from genesis_pgflow.handlers.experiments.policy import (
+    DEFAULT_SELECTION,
+    Decision,
+    Metrics,
+    TestSelection,
+    decide,
+    measure,
+)
+from genesis_pgflow.handlers.experiments.slots import ExperimentSlots
+from genesis_pgflow.messages import ExperimentRequest
+from genesis_pgflow.sandbox import Limits, Sandbox
+from genesis_pgflow.settings import Settings
+from genesis_pgflow.store.experiments import ExperimentRecords, ExperimentStart
+from genesis_pgflow.suite import NO_TESTS_COLLECTED, TestRun, run_tests, test_config_changes
+from genesis_pgflow.workspace import RepoAllow, Source, Workspace, tree_size
+
+log = logging.getLogger(__name__)
+
+SANDBOX_PYTHON = "/usr/bin/python3"
+
+# Test suites get more room than the sandbox's defaults for snippets; wall and CPU time are cut
+# down to what is left of the experiment's time at each run.
+EXPERIMENT_LIMITS = Limits(cpu_s=3600, memory_bytes=2 * 2**30, processes=256, file_bytes=256 * 2**20,
+                           open_files=1024, wall_s=3600.0, output_bytes=2**20)
+
+
+def default_python_path() -> tuple[Path, ...]:
+    """The directory holding pytest in this interpreter's environment, to be seen read-only (and
+    put on PYTHONPATH) by the sandbox's /usr/bin/python3."""
+    spec = importlib.util.find_spec("pytest")
+    if spec is None or not spec.origin:
+        return ()
+    return (Path(spec.origin).resolve().parents[1],)
+
+
+@dataclass
+class _Attempt:
+    """What one run of the handler has done so far (for the next phase, rollback and the records)."""
+
+    request: ExperimentRequest
+    ctx: WorkContext
+    workspace: Workspace
+    started: float
+    deadline: float
+    baseline_commit: str | None = None
+    change_commit: str | None = None
+    changed: bool = False
+    rolled_back: bool = False
+    selection: list[str] = field(default_factory=list)
+    baseline: TestRun | None = None
+    change: TestRun | None = None
+
+    @property
+    def ids(self) -> dict[str, str]:
+        return {"experiment_id": self.request.experiment_id, "instance_id": self.request.instance_id}
+
+    def details(self) -> dict[str, Any]:
+        return {**self.ids, "rolled_back": self.rolled_back, "baseline_commit": self.baseline_commit,
+                "sandbox_path": str(self.workspace.path)}
+
+
+@dataclass(frozen=True)
+class _Measured:
+    metrics: Metrics
+    flags: list[str]
+    config_changes: list[str]
+
+
+class ExperimentRunner:
+    """The handler of genesis_experiment_request (see the module docstring).
+
+    settings: sandboxes_dir, regression_threshold, experiment_timeout_ms, max_experiments_concurrent.
+    records: where experiments, runs and sandbox events are kept.
+    sandbox: runs the test suites (Sandbox.run with the copy as its writable directory).
+    selection: risk level -> TestSelection (default DEFAULT_SELECTION).
+    python / python_path: the interpreter inside the sandbox and the read-only directories put on
+    its PYTHONPATH (default: /usr/bin/python3 and the site-packages holding this pytest).
+    limits: the sandbox limits of one test-suite run (time limits are cut to what is left).
+    """
+
+    payload_type = "genesis_experiment_request"
+
+    def __init__(self, settings: Settings, records: ExperimentRecords, sandbox: Sandbox, *,
+                 selection: Mapping[str, TestSelection] = DEFAULT_SELECTION, python: str = SANDBOX_PYTHON,
+                 python_path: Sequence[Path] | None = None, limits: Limits = EXPERIMENT_LIMITS,
+                 monotonic: Any = time.monotonic):
+        self.settings = settings
+        self.records = records
+        self.sandbox = sandbox
+        self.selection = dict(selection)
+        self.python = python
+        self.python_path = tuple(default_python_path() if python_path is None else python_path)
+        self.limits = limits
+        self.monotonic = monotonic
+        self.slots = ExperimentSlots(settings.max_experiments_concurrent, records, monotonic)
+        try:
+            self.allow = RepoAllow.parse(settings.repo_allow, home=settings.home)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        if self.allow.empty:
+            log.warning("experiments disabled: set GENESIS_REPO_ALLOW to the local roots and git URL prefixes "
+                        "experiments may use (every genesis_experiment_request fails with repository_unavailable)")
+        else:
+            log.info("experiments may use repositories under: %s", self.allow.describe())
+        if os.geteuid() != 0:
+            log.warning("experiments: not root, so test runs write to the copy itself: their disk use is "
+                        "bounded per file only (RLIMIT_FSIZE), not by GENESIS_EXPERIMENT_SCRATCH_MB")
+
+    @property
+    def peak_running(self) -> int:
+        """The most experiments seen running at once in this process."""
+        return self.slots.peak
+
+    def timeout_s(self, payload: ExperimentRequest) -> float:
+        """The deadline this experiment asks the consumer for."""
+        return (payload.timeout_ms or self.settings.experiment_timeout_ms) / 1000.0
+
+    # -- the entry point -----------------------------------------------------------------------
+
+    def __call__(self, payload: ExperimentRequest, ctx: WorkContext) -> dict[str, Any]:
+        self.sandbox.check()  # SandboxUnavailable before anything is cloned
+        source = self._admit(payload)
+        started = self.monotonic()
+        # finish (rolled back and recorded) a little before the consumer's own deadline, so that
+        # the timeout it reports is ours, with its details
+        left = ctx.remaining()
+        deadline = started + min(self.timeout_s(payload), left - min(2.0, 0.05 * left))
+        with self.slots.hold(payload, ctx.cancelled, deadline):
+            attempt = _Attempt(payload, ctx, Workspace(self.settings.sandboxes_dir, payload.experiment_id),
+                               started, deadline)
+            return self._run(attempt, source)
+
+    def _admit(self, request: ExperimentRequest) -> Source:
+        """The allowed source of request.repo, and (local ones) base_ref found in it: the one
+        RepositoryUnavailable otherwise, with the same details whatever the reason."""
+        try:
+            source = self.allow.resolve(request.repo)
+            if source.local is not None:
+                Workspace.local_baseline(source, request.base_ref, self.allow)
+        except GenesisError as exc:
+            exc.details = {**exc.details, **request.identifiers(), "rolled_back": False}
+            raise
+        return source
+
+    def _run(self, attempt: _Attempt, source: Source) -> dict[str, Any]:
+        request = attempt.request
+        owned = self.records.experiment_started(ExperimentStart(
+            experiment_id=request.experiment_id, instance_id=request.instance_id,
+            experiment_type=request.experiment_type, description=request.description,
+            risk_level=request.risk_level, repo=request.repo, base_ref=request.base_ref,
+            sandbox_path=str(attempt.workspace.path)))
+        if not owned:   # before anything is touched: the copy and the record are the other instance's
+            raise ExperimentIdTaken(f"experiment_id {request.experiment_id!r} belongs to another instance_id; "
+                                    "choose another id", details={**attempt.ids, "rolled_back": False})
+        try:
+            return self._phases(attempt, source)
+        except ExperimentTimedOut as exc:
+            self._give_up(attempt, rollback=True)
+            error = WorkflowTimeout(f"experiment {request.experiment_id} ran past its timeout: {exc}",
+                                    details=attempt.details())
+            self._record_failure(attempt, error)
+            raise error from None
+        except GenesisError as exc:
+            self._give_up(attempt, rollback=attempt.changed)
+            exc.details = {**exc.details, **attempt.details()}
+            self._record_failure(attempt, exc)
+            raise
+        except Exception as exc:
+            # unexpected (a full disk, a lost database): retried through the queue; leave the copy
+            # at its baseline and say so in the records if they can still be reached
+            try:
+                self._give_up(attempt, rollback=attempt.changed)
+                self._record_failure(attempt, UnexpectedFailure(f"{type(exc).__name__}: {exc}",
+                                                                details=attempt.details()))
+            except Exception:
+                log.exception("experiment %s: could not record its failure", request.experiment_id)
+            raise
+
+    def _phases(self, attempt: _Attempt, source: Source) -> dict[str, Any]:
+        """copy, baseline, change, measure, decide: each phase takes what the ones before left in
+        `attempt`."""
+        self._copy(attempt, source)
+        self._baseline(attempt)
+        self._change(attempt)
+        measured = self._measure(attempt)
+        return self._decide(attempt, measured)
+
+    # -- the phases ----------------------------------------------------------------------------
+
+    def _copy(self, attempt: _Attempt, source: Source) -> None:
+        request, workspace = attempt.request, attempt.workspace
+        maintenance.enforce_instance_caps(self.settings, self.records, request.instance_id,
+                                          starting=request.experiment_id)
+        if workspace.path.exists():   # left by an earlier attempt (a killed consumer, a retry): reaped, on record
+            self.records.sandbox_event(request.experiment_id, str(workspace.path), "cleaned_up",
+                                       size_bytes=workspace.size_bytes(),
+                                       detail=f"replaced by attempt {attempt.ctx.attempt}")
+        try:
+            attempt.baseline_commit = workspace.create(
+                source, request.base_ref, allow=self.allow, max_bytes=self.settings.experiment_max_copy_mb * 2**20,
+                timeout_s=self._check_time(attempt))
+        except GenesisError:
+            self._check_time(attempt)  # a clone cut short by the deadline is a timeout
+            raise
+        self.records.commits_recorded(request.experiment_id, baseline_commit=attempt.baseline_commit)
+        self.records.sandbox_event(request.experiment_id, str(workspace.path), "created",
+                                   size_bytes=workspace.size_bytes(), detail=f"{request.repo}@{request.base_ref}")
+        # refuse a change that cannot apply before spending the baseline run on it
+        if request.changes.patch is not None:
+            workspace.check_patch(request.changes.patch)
+        else:
+            workspace.check_files(f.path for f in request.changes.files or [])
+
+    def _baseline(self, attempt: _Attempt) -> None:
+        """Run the baseline with the risk level's selection; if that selects nothing, the whole suite
+        (and the change then runs the whole suite too)."""
+        request = attempt.request
+        selection = self.selection.get(request.risk_level, TestSelection())
+        # an explicit test_command is run as given; the risk level picks tests for the default one
+        attempt.selection = selection.pytest_args(attempt.workspace.path) if request.test_command is None else []
+        run = self._test_run(attempt)
+        if attempt.selection and run.result.returncode == NO_TESTS_COLLECTED and not run.test_count:
+            log.info("experiment %s: selection %s collected no test, running the whole suite",
+                     request.experiment_id, attempt.selection)
+            attempt.selection = []
+            attempt.workspace.restore(attempt.baseline_commit or "HEAD")
+            run = self._test_run(attempt)
+        self.records.run_recorded(request.experiment_id, run.record("baseline", attempt.baseline_commit))
+        if not run.measured:
+            output = (run.result.stderr or run.result.stdout).strip()[-1500:]
+            raise ExperimentUnmeasurable(
+                f"the test command could not run at the baseline (exit status {run.result.returncode}, "
+                f"no test report): {output.splitlines()[-1] if output else 'no output'}",
+                details={"command": run.command, "returncode": run.result.returncode, "output": output})
+        attempt.workspace.restore(attempt.baseline_commit or "HEAD")
+        attempt.baseline = run
+
+    def _change(self, attempt: _Attempt) -> None:
+        request, workspace = attempt.request, attempt.workspace
+        self._check_time(attempt)
+        attempt.changed = True
+        if request.changes.patch is not None:
+            workspace.apply_patch(request.changes.patch)
+        else:
+            workspace.apply_files((f.path, f.content) for f in request.changes.files or [])
+        attempt.change_commit = workspace.commit(f"experiment {request.experiment_id}: {request.experiment_type}\n\n"
+                                                 f"{request.description}".strip())
+        self.records.commits_recorded(request.experiment_id, change_commit=attempt.change_commit)
+        run = self._test_run(attempt)
+        self.records.run_recorded(request.experiment_id, run.record("change", attempt.change_commit))
+        workspace.restore(attempt.change_commit)
+        attempt.change = run
+
+    def _measure(self, attempt: _Attempt) -> _Measured:
+        assert attempt.baseline is not None and attempt.change is not None
+        assert attempt.baseline_commit is not None and attempt.change_commit is not None
+        baseline, change = attempt.baseline, attempt.change
+        metrics = measure(baseline, change, (self.monotonic() - attempt.started) * 1000.0)
+        config_changes = test_config_changes(attempt.workspace.git(
+            "diff", "--name-only", "--no-renames", "-z", attempt.baseline_commit, attempt.change_commit
+        ).stdout.split("\0"))
+        flags = (["test_config_changed"] if config_changes else []) + sorted({*baseline.flags, *change.flags})
+        return _Measured(metrics, flags, config_changes)
+
+    def _decide(self, attempt: _Attempt, measured: _Measured) -> dict[str, Any]:
+        request, workspace, change = attempt.request, attempt.workspace, attempt.change
+        assert change is not None and attempt.baseline_commit is not None and attempt.change_commit is not None
+        decision: Decision = decide(measured.metrics, risk_level=request.risk_level,
+                                    threshold=self.settings.regression_threshold, measured=change.measured,
+                                    flags=measured.flags, problems=change.problems)
+        if decision.rollback:
+            workspace.git("update-ref", f"refs/genesis/rolled-back/{workspace.branch}", attempt.change_commit)
+            workspace.rollback(attempt.baseline_commit)
+            attempt.rolled_back = True
+            self.records.sandbox_event(request.experiment_id, str(workspace.path), "rolled_back",
+                                       size_bytes=workspace.size_bytes(), detail=decision.reason)
+        if decision.status != "success":
+            self.records.sandbox_event(request.experiment_id, str(workspace.path), "preserved",
+                                       size_bytes=workspace.size_bytes(), detail=decision.reason)
+        result = {
+            **attempt.ids,
+            "status": decision.status,
+            "metrics": measured.metrics.as_json(),
+            "recommendation": decision.recommendation,
+            "rolled_back": attempt.rolled_back,
+            "baseline_commit": attempt.baseline_commit,
+            "sandbox_path": str(workspace.path),
+            "counted_by": change.counted_by,
+            "flags": measured.flags,
+            "test_config_changes": measured.config_changes,
+        }
+        self.records.experiment_finished(request.experiment_id, result)
+        log.info("experiment %s: %s, %s (%s)", request.experiment_id, decision.status, decision.recommendation,
+                 decision.reason)
+        return result
+
+    # -- failure paths -------------------------------------------------------------------------
+
+    def _give_up(self, attempt: _Attempt, *, rollback: bool) -> None:
+        """Put the copy back to its baseline (if it got that far) and keep it for analysis."""
+        workspace, experiment_id = attempt.workspace, attempt.request.experiment_id
+        if rollback and attempt.baseline_commit is not None and workspace.path.exists():
+            try:
+                workspace.rollback(attempt.baseline_commit)
+                attempt.rolled_back = True
+                self.records.sandbox_event(experiment_id, str(workspace.path), "rolled_back",
+                                           size_bytes=workspace.size_bytes(), detail="experiment failed")
+            except GenesisError as exc:
+                log.error("experiment %s: rollback failed: %s", experiment_id, exc)
+        if workspace.path.exists():
+            self.records.sandbox_event(experiment_id, str(workspace.path), "preserved",
+                                       size_bytes=tree_size(workspace.path, workspace.git_dir),
+                                       detail="experiment failed")
+
+    def _record_failure(self, attempt: _Attempt, error: GenesisError) -> None:
+        self.records.experiment_failed(
+            attempt.request.experiment_id, {"code": error.code, "message": error.message, "details": error.details},
+            rolled_back=attempt.rolled_back, duration_ms=(self.monotonic() - attempt.started) * 1000.0)
+
+    # -- running the tests ---------------------------------------------------------------------
+
+    def _check_time(self, attempt: _Attempt) -> float:
+        if attempt.ctx.cancelled.is_set():
+            raise ExperimentTimedOut("cancelled")
+        left = attempt.deadline - self.monotonic()
+        if left <= 0:
+            raise ExperimentTimedOut(f"no time left after {self.monotonic() - attempt.started:.1f}s")
+        return left
+
+    def _test_run(self, attempt: _Attempt, selection: Sequence[str] | None = None) -> TestRun:
+        """One run of the suite (suite.py: the command, the report channel, the verdict)."""
+        left = self._check_time(attempt)
+        limits = dataclasses.replace(self.limits, wall_s=min(self.limits.wall_s, left),
+                                     cpu_s=max(1, min(self.limits.cpu_s, math.ceil(left))))
+        request = attempt.request
+        with attempt.workspace.scratch(max_bytes=self.settings.experiment_scratch_mb * 2**20,
+                                       max_inodes=self.settings.experiment_scratch_inodes) as root:
+            run = run_tests(self.sandbox, request.test_command,
+                            attempt.selection if selection is None else selection, root=root, python=self.python,
+                            python_path=self.python_path, limits=limits, timeout_s=left,
+                            cancelled=attempt.ctx.cancelled)
+        result = run.result
+        if result.timed_out or result.cancelled:
+            raise ExperimentTimedOut(f"the test suite was still running after {result.duration_s:.1f}s"
+                                     if result.timed_out else "cancelled")
+        if result.returncode != 0 and result.stderr.startswith("bwrap:"):
+            raise SandboxUnavailable(f"the sandbox could not start the tests: {result.stderr.strip()[:500]}")
+        if run.problems:
+            log.warning("experiment %s: %s run not measured: %s", request.experiment_id, run.counted_by,
+                        "; ".join(run.problems[:3]))
+        return run
