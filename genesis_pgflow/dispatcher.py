@@ -22,7 +22,7 @@ from genesis_pgflow.errors import (
     WorkflowTimeout,
 )
 from genesis_pgflow.handlers.base import Handler, WorkContext, timeout_override
-from genesis_pgflow.messages import Failure, Outcome, Payload, ReadMessage, parse_payload, raw_identifiers
+from genesis_pgflow.messages import Failure, Outcome, Payload, ReadMessage, parse_payload, raw_identifiers, reply_to
 from genesis_pgflow.retry import DeadLetter, decide
 from genesis_pgflow.store.database import first_line, is_transient
 
@@ -110,6 +110,7 @@ class Dispatcher:
             return self._outcome(message, "dead_letter", started, error=error)
         try:
             payload = parse_payload(message.body)
+            reply_to(message)    # a refused reply_to fails the request before it runs
             handler = self.handlers.get(payload.type)  # type: ignore[attr-defined]
             if handler is None:
                 raise UnknownType(f"type {payload.type!r} has no handler in this consumer; "  # type: ignore[attr-defined]

@@ -40,6 +40,86 @@ def all_queue_names() -> list[str]:
     return names
 
 
+# --- reply_to: a request's own result queue -----------------------------------------------
+#
+# A request may name the queue its result goes to (one per Singularity instance, so that one
+# producer's pgmq.read never hides another's results). The name becomes a pgmq table name
+# (`pgmq.q_<name>`, `pgmq.a_<name>`), created on first use, so it is held to a rule that keeps it
+# inside the request's own family: the paired result queue itself, or `<paired result queue>_<suffix>`
+# where the suffix is lowercase ASCII letters and digits in words joined by single underscores, its
+# last word not `dlq`, the whole name at most PGMQ_MAX_QUEUE_NAME characters. No request can so
+# name a request queue, a dead-letter queue, or any queue of another family.
+
+# pgmq.validate_queue_name: a partitioned queue's template table `template_pgmq_q_<name>` must fit
+# PostgreSQL's 63-character identifiers
+PGMQ_MAX_QUEUE_NAME = 47
+REPLY_TO = "reply_to"
+_CONTRACT_QUEUES = frozenset(all_queue_names())
+# ASCII only: no re.IGNORECASE and no \w, which would let Unicode letters (the long s, the Kelvin sign) in
+_REPLY_SUFFIX = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
+
+
+def reply_queue_family(name: str) -> str | None:
+    """The request queue whose reply_to queues the name is one of, else None (the paired result
+    queue itself is not a reply_to queue)."""
+    for request, (_type, results) in QUEUES.items():
+        suffix = name.removeprefix(f"{results}_")
+        if (suffix != name and len(name) <= PGMQ_MAX_QUEUE_NAME and _REPLY_SUFFIX.fullmatch(suffix)
+                and suffix.rsplit("_", 1)[-1] != "dlq" and name not in _CONTRACT_QUEUES):
+            return request
+    return None
+
+
+def is_reply_queue(name: str) -> bool:
+    return reply_queue_family(name) is not None
+
+
+def _reply_to_values(message: ReadMessage) -> dict[str, Any]:
+    """Where the message names a reply_to (payload field, pgmq header) and what it says there."""
+    found: dict[str, Any] = {}
+    for source, holder in (("payload", message.body), ("headers", message.headers)):
+        if isinstance(holder, dict) and holder.get(REPLY_TO) is not None:
+            found[source] = holder[REPLY_TO]
+    return found
+
+
+def reply_to(message: ReadMessage) -> str | None:
+    """The reply_to queue a request names (payload field `reply_to`, or pgmq header `reply_to`;
+    both may be given if they agree), None for its paired result queue. Raises InvalidPayload
+    naming the field when the name breaks the rule, so the request fails without running and its
+    result goes to the paired result queue: nothing is ever written to a queue that was refused."""
+    found = _reply_to_values(message)
+    if not found:
+        return None
+    results = result_queue(message.queue)
+    values = list(found.values())
+    where = " and ".join(f"the {source}" for source in found)
+    details: dict[str, Any] = {"field": REPLY_TO, "source": list(found), **raw_identifiers(message.body)}
+    if len(found) == 2 and values[0] != values[1]:
+        raise InvalidPayload(f"reply_to: the payload says {clip(values[0], 64)!r} and the headers say "
+                             f"{clip(values[1], 64)!r}; give one, or the same in both", details=details)
+    name = values[0]
+    if name == results:
+        return None
+    if not isinstance(name, str) or reply_queue_family(name) != message.queue:
+        shown = clip(name, 64) if isinstance(name, str) else type(name).__name__
+        raise InvalidPayload(
+            f"reply_to (in {where}): {shown!r} is not a result queue this request may name; it must be "
+            f"{results} or {results}_<suffix>, the suffix lowercase letters and digits joined by single "
+            f"underscores (not ending in _dlq), at most {PGMQ_MAX_QUEUE_NAME} characters in all",
+            details={**details, "allowed_prefix": f"{results}_", "max_length": PGMQ_MAX_QUEUE_NAME})
+    return name
+
+
+def result_destination(message: ReadMessage) -> str:
+    """The queue a request's result goes to: its valid reply_to, else its paired result queue
+    (a refused reply_to included: its request fails with invalid_payload, answered there)."""
+    try:
+        return reply_to(message) or result_queue(message.queue)
+    except InvalidPayload:
+        return result_queue(message.queue)
+
+
 # --- secrets ------------------------------------------------------------------------------
 
 _SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|authorization)", re.I)

@@ -22,7 +22,7 @@ from genesis_pgflow.messages import (
     envelope,
     redact,
     request_headers,
-    result_queue,
+    result_destination,
 )
 from genesis_pgflow.store.state import (
     Applied,
@@ -128,7 +128,10 @@ class MemoryQueueStore:
                 if stored is None:
                     continue
                 self.archives[o.message.queue].append(stored)
-                self._send(result_queue(o.message.queue), envelope(o, self.consumer), request_headers(o))
+                destination = result_destination(o.message)
+                if destination not in self.queues:      # a reply_to queue's first use, as pgmq.create
+                    self.queues[destination], self.archives[destination] = {}, []
+                self._send(destination, envelope(o, self.consumer), request_headers(o))
                 if o.kind == "dead_letter":
                     self._send(dead_letter_queue(o.message.queue), o.message.body, dead_letter_headers(o))
                 self.runs[(o.message.queue, o.message.msg_id)].update(
@@ -204,6 +207,11 @@ class MemoryQueueStore:
         """The pgmq headers of the messages in a queue, oldest first."""
         with self._lock:
             return [m.headers for m in sorted(self.queues[queue].values(), key=lambda m: m.msg_id)]
+
+    def queue_names(self) -> set[str]:
+        """Every queue that exists, as pgmq.list_queues() names them."""
+        with self._lock:
+            return set(self.queues)
 
     def archived(self, queue: str) -> list[int]:
         with self._lock:

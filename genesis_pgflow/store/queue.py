@@ -23,8 +23,10 @@ from genesis_pgflow.messages import (
     dead_letter_headers,
     dead_letter_queue,
     envelope,
+    is_reply_queue,
     redact,
     request_headers,
+    result_destination,
     result_queue,
     take_in,
 )
@@ -79,6 +81,14 @@ def _group(outcomes: Iterable[Outcome]) -> dict[str, list[Outcome]]:
     return grouped
 
 
+def _by_destination(outcomes: Iterable[Outcome]) -> dict[str, list[Outcome]]:
+    """Results by the queue they go to: the paired result queue, or a request's reply_to queue."""
+    grouped: dict[str, list[Outcome]] = defaultdict(list)
+    for outcome in outcomes:
+        grouped[result_destination(outcome.message)].append(outcome)
+    return grouped
+
+
 def _final_runs(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
     """The rows of record_final_runs, as one JSON array (cheaper to send than ten arrays)."""
     return [{
@@ -124,6 +134,7 @@ class PgQueueStore:
         self._listener: psycopg.Connection | None = None
         self._listening: tuple[str, ...] = ()
         self._listening_generation = 0
+        self._reply_queues: set[str] = set()    # reply_to queues known to exist (created, or found)
 
     # --- the hot path ---------------------------------------------------------------------
 
@@ -176,7 +187,17 @@ class PgQueueStore:
     def complete(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
         if not outcomes:
             return []
-        return self.db.run(lambda conn: self._complete(conn, outcomes))
+        try:
+            applied = self.db.run(lambda conn: self._complete(conn, outcomes))
+        except psycopg.errors.UndefinedTable:
+            if not self._reply_queues:
+                raise
+            # a reply_to queue this process created was dropped since (by a DBA): forget them all, once
+            self._reply_queues.clear()
+            applied = self.db.run(lambda conn: self._complete(conn, outcomes))
+        # known to exist from now on: no pgmq.create for them in later transactions
+        self._reply_queues.update(filter(is_reply_queue, (result_destination(o.message) for o in applied)))
+        return applied
 
     def _complete(self, conn: Conn, outcomes: Sequence[Outcome]) -> list[Outcome]:
         applied: list[Outcome] = []
@@ -189,11 +210,15 @@ class PgQueueStore:
             if not mine:
                 continue
             dead = [o for o in mine if o.kind == "dead_letter"]
-            with conn.pipeline():   # three statements, one round trip
-                # a result carries its request's pgmq headers (a producer's correlation id)
-                conn.execute(sql("send_batch"), {"queue": result_queue(queue),
-                                                 "messages": Jsonb([envelope(o, self.consumer) for o in mine]),
-                                                 "headers": Jsonb([request_headers(o) for o in mine])})
+            with conn.pipeline():   # three statements (and a create per new reply_to queue), one round trip
+                for destination, answers in _by_destination(mine).items():
+                    if destination != result_queue(queue) and destination not in self._reply_queues:
+                        # first use here: pgmq.create is idempotent and locks the name against a racing twin
+                        conn.execute(sql("create_queue"), {"queue": destination})
+                    # a result carries its request's pgmq headers (a producer's correlation id)
+                    conn.execute(sql("send_batch"), {"queue": destination,
+                                                     "messages": Jsonb([envelope(o, self.consumer) for o in answers]),
+                                                     "headers": Jsonb([request_headers(o) for o in answers])})
                 if dead:
                     conn.execute(sql("send_batch"), {
                         "queue": dead_letter_queue(queue),

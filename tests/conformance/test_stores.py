@@ -25,6 +25,7 @@ class Twin:
     results: Callable[[str], list]
     headers: Callable[[str], list]
     run_status: Callable[[str, int], str]
+    queue_names: Callable[[], set]
 
 
 def _pg_column(db: Database, column: str) -> Callable[[str], list]:
@@ -40,13 +41,14 @@ def twin(request):
         clock = FakeClock()
         store = MemoryQueueStore(clock=clock)
         yield Twin(store, MemoryStateStore(), clock.advance, store.messages, store.headers,
-                   lambda queue, msg_id: store.runs[(queue, msg_id)]["status"])
+                   lambda queue, msg_id: store.runs[(queue, msg_id)]["status"], store.queue_names)
         return
     db = Database(request.getfixturevalue("db_dsn")).open()
     yield Twin(PgQueueStore(db, "test:1"), PgStateStore(db), time.sleep, _pg_column(db, "message"),
                _pg_column(db, "headers"), lambda queue, msg_id: db.run(lambda conn: conn.execute(
                    "SELECT status FROM genesis.workflow_runs WHERE queue = %s AND msg_id = %s",
-                   (queue, msg_id)).fetchone())["status"])
+                   (queue, msg_id)).fetchone())["status"],
+               lambda: db.run(lambda conn: {r["queue_name"] for r in conn.execute("SELECT * FROM pgmq.list_queues()")}))
     db.close()
 
 
@@ -182,3 +184,45 @@ def test_a_give_back_of_a_lost_lease_leaves_the_new_holders_read_alone(twin):
     twin.queues.release(Q, [msg_id], [second.read_ct])    # consumer 2's own give-back
     [again] = twin.queues.read(Q, 1, lease_s=30)
     assert again.msg_id == msg_id and again.read_ct == second.read_ct   # its read not counted
+
+
+C = "code_execution_requests"
+
+
+def test_a_reply_to_sends_the_result_to_its_own_queue_created_on_first_use(twin):
+    """Payload field or pgmq header; one batch answers three producers in three queues."""
+    before = twin.queue_names()
+    assert "code_execution_results_sing1" not in before
+    one = twin.queues.send(C, {"id": "a", "reply_to": "code_execution_results_sing1"}, {"correlation_id": "c-1"})
+    two = twin.queues.send(C, {"id": "b"}, {"reply_to": "code_execution_results_sing2"})
+    plain = twin.queues.send(C, {"id": "c"})
+    same = twin.queues.send(C, {"id": "d", "reply_to": "code_execution_results"})
+    read = {m.msg_id: m for m in twin.queues.read(C, 4, lease_s=30)}
+    assert len(twin.queues.complete([outcome(m) for m in read.values()])) == 4
+    assert twin.queue_names() - before == {"code_execution_results_sing1", "code_execution_results_sing2"}
+    assert [r["request"]["msg_id"] for r in twin.results("code_execution_results_sing1")] == [one]
+    assert twin.headers("code_execution_results_sing1") == [{"correlation_id": "c-1"}]
+    assert [r["request"]["msg_id"] for r in twin.results("code_execution_results_sing2")] == [two]
+    assert twin.headers("code_execution_results_sing2") == [{"reply_to": "code_execution_results_sing2"}]
+    assert [r["request"]["msg_id"] for r in twin.results("code_execution_results")] == [plain, same]
+    # the second use of a queue finds it there
+    again = twin.queues.send(C, {"id": "e", "reply_to": "code_execution_results_sing1"})
+    [msg] = twin.queues.read(C, 1, lease_s=30)
+    twin.queues.complete([outcome(msg, "dead_letter", error=Failure("max_attempts_exceeded", "x"))])
+    assert [r["request"]["msg_id"] for r in twin.results("code_execution_results_sing1")] == [one, again]
+    assert twin.results(f"{C}_dlq") == [{"id": "e", "reply_to": "code_execution_results_sing1"}]
+
+
+@pytest.mark.parametrize("where", ["payload", "headers"])
+def test_a_refused_reply_to_is_answered_in_the_paired_queue_and_creates_nothing(twin, where):
+    before = twin.queue_names()
+    hostile = ["genesis_rule_updates_results_x", "code_execution_requests_dlq", "code_execution_requests",
+               "code_execution_results_dlq", "Code_Execution_Results_X", "code_execution_results_x'; DROP TABLE x; --",
+               "code_execution_results_" + "x" * 40, "code_execution_results_\u017f", 7]
+    for name in hostile:
+        body, headers = ({"id": "h", "reply_to": name}, None) if where == "payload" else ({"id": "h"}, {"reply_to": name})
+        twin.queues.send(C, body, headers)
+    read = twin.queues.read(C, len(hostile), lease_s=30)
+    twin.queues.complete([outcome(m, "failed", error=Failure("invalid_payload", "reply_to")) for m in read])
+    assert twin.queue_names() == before
+    assert len(twin.results("code_execution_results")) == len(hostile)
