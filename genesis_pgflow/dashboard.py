@@ -51,6 +51,18 @@ def _clip(text: str, limit: int = CLIP) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _scrubbed(value: Any) -> Any:
+    """Every string of a snapshot scrubbed, every field named like a secret redacted: a producer
+    chooses a payload's `type`, a description, a repository URL, not only error messages."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in redact(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.timezone.utc).isoformat()
@@ -143,6 +155,10 @@ class Dashboard:
                 "description": _clip(scrub(str(row.get("description") or ""))),
                 "repo": scrub(str(row.get("repo") or "")),
                 "error": _clip(scrub(f"{error.get('code')}: {error.get('message')}")) if error else None})
+        paused = getattr(self.admin, "paused_queues", None)     # where the store can pause queues
+        for row in paused() if callable(paused) else []:
+            if row.get("queue") in figures["queues"]:
+                figures["queues"][row["queue"]]["paused"] = True
         return {"database": self.where, "served_by": self.served_by, "now": figures["now"],
                 "minutes": figures["minutes"], "queues": figures["queues"], "consumers": self.admin.consumers(),
                 "failures": failures, "dead_letters": letters, "experiments": experiments,
@@ -151,7 +167,7 @@ class Dashboard:
     def _snapshot_json(self) -> bytes:
         with self._lock:    # one reading at a time, shared by every page polling within cache_s
             if self._cached is None or self.clock() - self._cached[0] >= self.cache_s:
-                self._cached = (self.clock(), json.dumps(self.snapshot(), default=_default).encode())
+                self._cached = (self.clock(), json.dumps(_scrubbed(self.snapshot()), default=_default).encode())
             return self._cached[1]
 
     # --- routes -----------------------------------------------------------------------------
@@ -240,7 +256,10 @@ class Dashboard:
 
     def _pause(self, request: dict[str, Any], *, pause: bool) -> Answer:
         queue = self._queue_of(request)
-        method = getattr(self.admin, "pause_queue" if pause else "resume_queue")
-        method(queue)
+        if pause:
+            # getattr: the route exists only where the store has these (can_pause)
+            getattr(self.admin, "pause_queue")(queue, by=f"dashboard ({self.served_by})")  # noqa: B009
+        else:
+            getattr(self.admin, "resume_queue")(queue)  # noqa: B009
         log.info("dashboard: %s %s", "paused" if pause else "resumed", queue)
         return _json(200, {"queue": queue, "paused": pause})

@@ -153,6 +153,8 @@ def scrub(text: str) -> str:
     """Free text (an error message, a log line) with the secrets it may quote replaced by the
     redaction marker: what redact() does for named fields, for text whose fields have no names."""
     def pair(match: re.Match[str]) -> str:
+        if match["value"].strip("\"'").startswith(REDACTED[:-1]):
+            return match[0]     # scrubbed already: scrubbing twice changes nothing
         quote = match["value"][0] if match["value"][0] in "\"'" else ""
         return f"{match['key']}{quote}{REDACTED}{quote}"
 

@@ -58,7 +58,7 @@
     const done = queue.completed_series, failed = queue.failed_series;
     const runsMax = Math.max(1, ...done.map((c, i) => c + failed[i]));
     const depthMax = Math.max(1, ...queue.depth_series);
-    const root = svg("svg", { class: "chart", viewBox: `0 0 ${width} ${height + 12}`, preserveAspectRatio: "none",
+    const root = svg("svg", { class: "chart", viewBox: `0 0 ${width} ${height + 14}`, preserveAspectRatio: "none",
                               role: "img" });
     root.append(svg("line", { class: "grid", x1: 0, y1: height, x2: width, y2: height }));
     done.forEach((c, i) => {
@@ -70,7 +70,7 @@
     });
     const points = queue.depth_series.map((d, i) => `${(i + 0.5) * step},${height - (d / depthMax) * (height - 2)}`);
     root.append(svg("polyline", { class: "depth", points: points.join(" ") }));
-    const label = svg("text", { x: 2, y: height + 10 });
+    const label = svg("text", { x: 2, y: height + 12 });
     label.textContent = `-${n} min · depth max ${depthMax} · runs max ${runsMax}/min`;
     root.append(label);
     return root;
