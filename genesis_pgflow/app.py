@@ -18,6 +18,7 @@ from genesis_pgflow.handlers.rules import RuleEngine
 from genesis_pgflow.sandbox import Sandbox
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store import admin, retention, schema
+from genesis_pgflow.store.control import PgControlStore
 from genesis_pgflow.store.database import Database, check_reachable
 from genesis_pgflow.store.embedded import embedded_dsn
 from genesis_pgflow.store.experiments import ExperimentRecords, PgExperimentRecords
@@ -60,6 +61,7 @@ class App:
     queues: PgQueueStore
     state: PgStateStore
     experiments: PgExperimentRecords
+    control: PgControlStore | None = None     # a consumer's, once built
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool | None = None) -> App:
@@ -93,9 +95,13 @@ class App:
         s = self.settings
         options = ConsumerOptions(queues=s.queues, parallel=s.parallel, batch_size=s.batch_size,
                                   poll_interval_s=s.poll_interval_ms / 1000.0, lease_s=s.lease_s,
-                                  drain=s.drain, shutdown_grace_s=s.shutdown_grace_s, max_outage_s=s.max_outage_s)
+                                  drain=s.drain, shutdown_grace_s=s.shutdown_grace_s, max_outage_s=s.max_outage_s,
+                                  control_poll_s=s.heartbeat_interval_s)
+        # steered through genesis.fleet_control (pause, drain, stop), on a LISTEN connection of its own
+        self.control = PgControlStore(self.db, self.queues.consumer)
         consumer = Consumer(self.queues, self.dispatcher(), options,
-                            periodic=maintenance.scheduled_jobs(s, self.experiments), hurry=self.db.hurry)
+                            periodic=maintenance.scheduled_jobs(s, self.experiments), hurry=self.db.hurry,
+                            control=self.control)
         # genesis.consumers: alive, and how much it holds (a timed-out job's slot is still held)
         presence = self.presence()
         consumer.periodic.append(("consumer_heartbeat", s.heartbeat_interval_s,
@@ -111,4 +117,6 @@ class App:
 
     def close(self) -> None:
         self.queues.close()
+        if self.control is not None:
+            self.control.close()
         self.db.close()

@@ -15,6 +15,7 @@ from genesis_pgflow.dispatcher import Dispatcher, Task
 from genesis_pgflow.errors import DatabaseUnavailable
 from genesis_pgflow.handlers.base import WorkContext
 from genesis_pgflow.messages import QUEUES, Outcome, ReadMessage, clip
+from genesis_pgflow.store.control import Command, ControlState, ControlStore
 from genesis_pgflow.store.database import StoreError, first_line, is_transient
 from genesis_pgflow.store.queue import QueueStore
 
@@ -96,6 +97,8 @@ class ConsumerOptions:
     # at shutdown, how long cancelled work gets to return (its sandboxes killed) before its
     # messages are given back
     give_back_wait_s: float = 10.0
+    # how often the control table is read even without a NOTIFY (the heartbeat's interval)
+    control_poll_s: float = 5.0
 
 
 @dataclass
@@ -198,8 +201,14 @@ def _log_outcome(outcome: Outcome) -> None:
 class Consumer:
     def __init__(self, store: QueueStore, dispatcher: Dispatcher, options: ConsumerOptions, *,
                  monotonic: Callable[[], float] = time.monotonic, rand: Callable[[], float] = random.random,
-                 periodic: Sequence[PeriodicJob] = (), hurry: Callable[[float], None] | None = None):
+                 periodic: Sequence[PeriodicJob] = (), hurry: Callable[[float], None] | None = None,
+                 control: ControlStore | None = None):
         self.store = store
+        # paused queues and drain/stop commands (genesis queues|consumers ...); None: not steered
+        self.control = control
+        self.paused: frozenset[str] = frozenset()
+        self.draining = threading.Event()     # told to drain: take nothing new, finish what is held, exit
+        self._control_thread: threading.Thread | None = None
         # called with STOP_CALL_CAP_S on stop(): the database layer then cuts any call that would
         # keep shutdown waiting on a silent server
         self.hurry = hurry
@@ -254,6 +263,8 @@ class Consumer:
         queues = self.options.queues
         for i in range(len(queues)):
             name = queues[(self._rotation + i) % len(queues)]
+            if name in self.paused:     # the store refuses it too; this saves the round trip
+                continue
             room = self.room(name)
             worth_it = max(1, min(self.options.parallel + self.prefetch(name), self.options.batch_size) // 2)
             if room <= 0 or (self.running and room < worth_it):
@@ -398,7 +409,7 @@ class Consumer:
         outcomes linger up to flush_after_s so that several share one transaction."""
         fetched = 0
         failure: StoreError | None = None
-        if not self.stopping.is_set():
+        if not self.stopping.is_set() and not self.draining.is_set():
             try:
                 fetched = self.fetch()
             except StoreError as exc:
@@ -440,8 +451,12 @@ class Consumer:
         Returns how long to wait before the next turn (None: drained, stop)."""
         try:
             fetched = self.run_once(wait_s=0.0 if self.outage.down else self.poll_wait_s())
+            if self.draining.is_set() and self.idle():
+                log.info("drained on command: nothing left in flight")
+                return None
+            # a paused queue is not this consumer's to empty: --drain waits for the others only
             drained = (self.options.drain and fetched == 0 and self.idle()
-                       and self.store.depth(self.options.queues) == 0)
+                       and self.store.depth([q for q in self.options.queues if q not in self.paused]) == 0)
         except StoreError as exc:  # the store already retried briefly; keep state, back off
             if not is_transient(exc):
                 raise              # a bug, not an outage: exit 1 rather than retry forever
@@ -459,6 +474,11 @@ class Consumer:
         Raises DatabaseUnavailable once the database has been away for longer than max_outage_s."""
         self._listener = threading.Thread(target=self._listen, name="genesis-listen", daemon=True)
         self._listener.start()
+        if self.control is not None:
+            self.refresh_control(quiet=True)    # a queue paused before this consumer started stays unread
+            self._control_thread = threading.Thread(target=self._watch_control, name="genesis-control",
+                                                    daemon=True)
+            self._control_thread.start()
         # each periodic job on a thread of its own: a long cleanup or prune never delays the heartbeat
         for name, interval, job in self.periodic:
             threading.Thread(target=self._run_periodic, args=(name, interval, job), name=f"genesis-{name}",
@@ -525,8 +545,9 @@ class Consumer:
             self._write_back(returned)
         finally:
             self.pool.stop()
-            if self._listener is not None:
-                self._listener.join(LISTEN_SLICE_S + 5)
+            for thread in (self._listener, self._control_thread):
+                if thread is not None:
+                    thread.join(LISTEN_SLICE_S + 5)
 
     def _cancel_unfinished(self) -> dict[str, list[ReadMessage]]:
         """Cancel every job still running (and wait, bounded, for the ones that overran): returns
@@ -617,3 +638,77 @@ class Consumer:
                         else:
                             log.exception("periodic job %s failed", name)
             self.stopping.wait(max(0.1, due - self.monotonic()))
+
+    # --- steering: paused queues, drain and stop (genesis.fleet_control) --------------------
+
+    def apply_control(self, state: ControlState) -> None:
+        """Obey what the control table says now: read no paused queue (a resumed one at once);
+        on drain take nothing new and exit once what is held is finished; on stop, as SIGTERM."""
+        if state.paused != self.paused:
+            newly, resumed = sorted(state.paused - self.paused), sorted(self.paused - state.paused)
+            self.paused = state.paused
+            if newly:
+                log.info("paused: %s (messages in flight finish; nothing new is read from it)", ",".join(newly))
+            if resumed:
+                log.info("resumed: %s", ",".join(resumed))
+                self.wakeup.set()
+        if state.command == "stop" and not self.stopping.is_set():
+            log.info("stop requested (genesis consumers stop): finishing in-flight work, giving back the rest")
+            self._honoured("stop")
+            self.stop()
+        elif state.command == "drain" and not self.draining.is_set() and not self.stopping.is_set():
+            log.info("drain requested (genesis consumers drain): taking no new messages, finishing the %d held",
+                     len(self.running))
+            self._honoured("drain")
+            self.draining.set()
+            self.wakeup.set()
+
+    def _honoured(self, command: Command) -> None:
+        assert self.control is not None
+        try:
+            self.control.command_honoured(command)
+        except Exception as exc:  # noqa: BLE001 - only what status shows; the command is obeyed anyway
+            log.debug("could not record that %s was honoured: %s", command, first_line(exc))
+
+    def refresh_control(self, *, quiet: bool = False) -> bool:
+        """Read the control table and obey it; False if it could not be read (the caller retries)."""
+        if self.control is None:
+            return True
+        try:
+            state = self.control.control_state()
+        except Exception as exc:  # noqa: BLE001 - the loop reports outages; this retries on its own
+            if not quiet:
+                log.debug("could not read the control table: %s", first_line(exc))
+            return False
+        self.apply_control(state)
+        return True
+
+    def _watch_control(self) -> None:
+        """Read the control table whenever its channel says it changed (NOTIFY), and at least
+        every control_poll_s in case a notification was missed; a lost channel is opened again
+        (and the table read again) with the loop's backoff, polling meanwhile."""
+        assert self.control is not None
+        failures = 0
+        next_read = self.monotonic() + self.options.control_poll_s
+        while not self.stopping.is_set():
+            now = self.monotonic()
+            if now >= next_read:
+                next_read = now + (self.options.control_poll_s if self.refresh_control() else LISTEN_SLICE_S)
+                continue
+            if self.outage.down:
+                self.stopping.wait(min(LISTEN_SLICE_S, max(0.0, next_read - now)))
+                continue
+            try:
+                changed = self.control.wait_for_control(timeout_s=min(LISTEN_SLICE_S, max(0.0, next_read - now)))
+            except Exception as exc:  # noqa: BLE001 - polling at next_read is the fallback
+                failures += 1
+                if failures == 1:
+                    log.info("control channel lost (%s); reading the control table every %g s until it is back",
+                             first_line(exc), self.options.control_poll_s)
+                self.stopping.wait(self.outage.backoff.delay(failures, self.rand()))
+                continue
+            if failures:
+                log.info("control channel back after %d failed attempt(s)", failures)
+                failures = 0
+            if changed:
+                next_read = 0.0

@@ -24,6 +24,7 @@ from genesis_pgflow.messages import (
     request_headers,
     result_destination,
 )
+from genesis_pgflow.store.control import Command, ControlState
 from genesis_pgflow.store.state import (
     Applied,
     LlmConfig,
@@ -89,11 +90,18 @@ class MemoryQueueStore:
     # when set, every call the consumer makes raises it: an outage (psycopg.OperationalError) or a
     # refusal (e.g. psycopg.errors.ReadOnlySqlTransaction); producers' send() still works
     failure: BaseException | None = None
+    # the control table's twin: paused queues (queue -> who paused it), commands (consumer -> command)
+    paused: dict[str, str] = field(default_factory=dict)
+    commands: dict[str, Command] = field(default_factory=dict)
+    honoured: dict[str, Command] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)
+        self._control_changed = threading.Condition(self._lock)
+        self._control_version = 0
+        self._control_heard = 0
         for name in all_queue_names():
             self.queues.setdefault(name, {})
             self.archives.setdefault(name, [])
@@ -108,6 +116,8 @@ class MemoryQueueStore:
     def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
         self._fail()
         with self._lock:
+            if queue in self.paused:        # as the SQL: a paused queue is read for nothing
+                return []
             now = self.clock()
             visible = sorted((m for m in self.queues[queue].values() if m.vt <= now), key=lambda m: m.msg_id)[:qty]
             out = []
@@ -196,6 +206,62 @@ class MemoryQueueStore:
 
     def close(self) -> None:
         pass
+
+    # --- the control table (ControlStore, and the admin store's pause_queue & co.) ----------
+
+    def control_state(self) -> ControlState:
+        self._fail()
+        with self._lock:
+            return ControlState(frozenset(self.paused), self.commands.get(self.consumer))
+
+    def wait_for_control(self, timeout_s: float) -> bool:
+        """True if the control state changed since the last call (as notifications wait on a
+        LISTEN connection until they are read)."""
+        self._fail()
+        with self._control_changed:
+            if self._control_version == self._control_heard:
+                self._control_changed.wait(min(timeout_s, 0.05))
+            changed = self._control_version != self._control_heard
+            self._control_heard = self._control_version
+            return changed
+
+    def command_honoured(self, command: Command) -> None:
+        self._fail()
+        with self._lock:
+            if self.commands.get(self.consumer) == command:
+                self.honoured[self.consumer] = command
+
+    def pause_queue(self, queue: str, by: str | None = None) -> bool:
+        with self._lock:
+            if queue in self.paused:
+                return False
+            self.paused[queue] = by or "test"
+            self._control_notify()
+            return True
+
+    def resume_queue(self, queue: str) -> bool:
+        with self._lock:
+            if self.paused.pop(queue, None) is None:
+                return False
+            self._control_notify()
+            return True
+
+    def paused_queues(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"queue": q, "paused_at": None, "paused_by": by} for q, by in sorted(self.paused.items())]
+
+    def command_consumer(self, consumer: str, command: Command) -> Command:
+        """Address drain or stop to a consumer; a stop is never turned into a drain."""
+        with self._lock:
+            if self.commands.get(consumer) != "stop":
+                self.commands[consumer] = command
+                self.honoured.pop(consumer, None)
+                self._control_notify()
+            return self.commands[consumer]
+
+    def _control_notify(self) -> None:
+        self._control_version += 1
+        self._control_changed.notify_all()
 
     # --- for assertions -------------------------------------------------------------------
 

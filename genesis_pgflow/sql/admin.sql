@@ -33,12 +33,14 @@ WHERE state <> 'running' AND last_heartbeat < now() - make_interval(secs => %(re
 UPDATE genesis.consumers SET state = 'stopped', in_flight = 0, last_heartbeat = now() WHERE id = %(id)s
 
 -- name: consumers_list
--- Every registered consumer, live ones first; a running one whose heartbeat is over three intervals old is shown as gone.
+-- Every registered consumer, live ones first, with the command (drain, stop) addressed to it; a running one whose heartbeat is over three intervals old is shown as gone.
 SELECT id, host, pid, version, queues, parallel, in_flight, started_at, last_heartbeat, heartbeat_s,
        round(extract(epoch FROM now() - last_heartbeat)::numeric, 1)::float8 AS heartbeat_age_s,
        CASE WHEN state = 'running' AND last_heartbeat < now() - make_interval(secs => 3 * heartbeat_s) THEN 'gone'
-            ELSE state END AS state
+            ELSE state END AS state,
+       f.command, f.issued_at AS command_issued_at, f.honoured_at AS command_honoured_at
 FROM genesis.consumers
+LEFT JOIN genesis.fleet_control f ON f.scope = 'consumer' AND f.target = consumers.id
 ORDER BY (state = 'running' AND last_heartbeat >= now() - make_interval(secs => 3 * heartbeat_s)) DESC,
          started_at DESC, id
 

@@ -1,10 +1,12 @@
 -- The consumer's hot path and the admin commands over pgmq. Named blocks: see store/queries.py.
 
 -- name: read_batch
--- Lease up to qty visible messages of one queue for lease_s seconds and mark their runs running, in one round trip; each body and headers come as JSON text with its size, the text only under its limit.
+-- Lease up to qty visible messages of one queue (none while it is paused) for lease_s seconds and mark their runs running, in one round trip; each body and headers come as JSON text with its size, the text only under its limit.
 WITH leased AS (
+    -- a paused queue (genesis.fleet_control) is read for nothing, whatever the consumer believes
     SELECT msg_id, read_ct, enqueued_at, message, headers
-    FROM pgmq.read(%(queue)s, %(lease_s)s, %(qty)s)
+    FROM pgmq.read(%(queue)s, %(lease_s)s, CASE WHEN EXISTS (
+        SELECT 1 FROM genesis.fleet_control WHERE scope = 'queue' AND target = %(queue)s) THEN 0 ELSE %(qty)s END)
 ), runs AS (
     INSERT INTO genesis.workflow_runs AS r (queue, msg_id, type, status, attempts, enqueued_at, started_at, updated_at, consumer)
     -- a longer type is no known type, and could exceed an index row
@@ -32,7 +34,8 @@ ORDER BY msg_id
 -- name: lease_bare
 -- Lease up to qty visible messages and mark their runs running without reading their bodies (when read_batch failed on one).
 WITH leased AS (
-    SELECT msg_id, read_ct, enqueued_at FROM pgmq.read(%(queue)s, %(lease_s)s, %(qty)s)
+    SELECT msg_id, read_ct, enqueued_at FROM pgmq.read(%(queue)s, %(lease_s)s, CASE WHEN EXISTS (
+        SELECT 1 FROM genesis.fleet_control WHERE scope = 'queue' AND target = %(queue)s) THEN 0 ELSE %(qty)s END)
 ), runs AS (
     INSERT INTO genesis.workflow_runs AS r (queue, msg_id, status, attempts, enqueued_at, started_at, updated_at, consumer)
     SELECT %(queue)s, msg_id, 'running', read_ct, enqueued_at, now(), now(), %(consumer)s

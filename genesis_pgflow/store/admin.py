@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 
 from genesis_pgflow.errors import ConfigurationError
 from genesis_pgflow.messages import QUEUES, dead_letter_queue, result_queue
+from genesis_pgflow.store.control import COMMANDS
 from genesis_pgflow.store.database import Conn, Database, one
 from genesis_pgflow.store.queries import sql
 
@@ -38,6 +39,11 @@ def shown_dsn(dsn: str, *, show_password: bool = False) -> str:
     if not show_password:
         info.pop("password", None)
     return conninfo.make_conninfo("", **info)
+
+
+def _request_queue(queue: str) -> None:
+    if queue not in QUEUES:
+        raise ConfigurationError(f"not a request queue: {queue!r} (one of {', '.join(QUEUES)})")
 
 
 def _table(query: str, **tables: str) -> pgsql.Composed:
@@ -62,7 +68,10 @@ class ConsumerPresence:
                 "in_flight": in_flight}
 
     def register(self) -> None:
-        self.db.run(lambda conn: conn.execute(sql("consumer_register"), self._params()))
+        def tx(conn: Conn) -> None:
+            conn.execute(sql("consumer_register"), self._params())
+            conn.execute(sql("consumer_commands_clear"), {"id": self.id})   # one left by an earlier holder of the id
+        self.db.run(tx)
 
     def beat(self, in_flight: int) -> None:
         """Say this consumer is alive; mark those silent for three of their intervals gone, and
@@ -71,10 +80,15 @@ class ConsumerPresence:
             conn.execute(sql("consumer_heartbeat"), self._params(in_flight))
             conn.execute(sql("consumers_mark_gone"))
             conn.execute(sql("consumers_forget"), {"retention_s": self.retention_s})
+            conn.execute(sql("consumer_commands_forget"))
         self.db.run(tx)
 
     def stopped(self) -> None:
-        self.db.run(lambda conn: conn.execute(sql("consumer_stopped"), {"id": self.id}))
+        """Exited: stopped, and the drain or stop it obeyed is done with."""
+        def tx(conn: Conn) -> None:
+            conn.execute(sql("consumer_stopped"), {"id": self.id})
+            conn.execute(sql("consumer_commands_clear"), {"id": self.id})
+        self.db.run(tx)
 
 
 class PgAdminStore:
@@ -88,6 +102,56 @@ class PgAdminStore:
 
     def consumers(self) -> list[dict[str, Any]]:
         return self.db.run(lambda conn: conn.execute(sql("consumers_list")).fetchall())
+
+    # --- steering the fleet (genesis.fleet_control; every change is a NOTIFY the consumers act on)
+
+    def pause_queue(self, queue: str, by: str | None = None) -> bool:
+        """No consumer leases the queue's messages from now on (those in flight finish); False if
+        it was paused already."""
+        _request_queue(queue)
+        return self.db.run(lambda conn: conn.execute(sql("queue_pause"), {"queue": queue, "by": by}).fetchone()
+                           is not None)
+
+    def resume_queue(self, queue: str) -> bool:
+        """Consumers read the queue again at once; False if it was not paused."""
+        _request_queue(queue)
+        return self.db.run(lambda conn: conn.execute(sql("queue_resume"), {"queue": queue}).fetchone() is not None)
+
+    def paused_queues(self) -> list[dict[str, Any]]:
+        """The paused queues: queue, paused_at, paused_by."""
+        return self.db.run(lambda conn: conn.execute(sql("queues_paused")).fetchall())
+
+    def queues(self) -> list[dict[str, Any]]:
+        """Each request queue: its type, depth, and whether (since when, by whom) it is paused."""
+        def tx(conn: Conn) -> list[dict[str, Any]]:
+            depth = {r["queue_name"]: r["queue_length"] for r in conn.execute(sql("queue_metrics"))}
+            paused = {r["queue"]: r for r in conn.execute(sql("queues_paused"))}
+            return [{"queue": queue, "type": kind, "paused": queue in paused,
+                     "paused_at": paused.get(queue, {}).get("paused_at"),
+                     "paused_by": paused.get(queue, {}).get("paused_by"), "depth": depth.get(queue, 0)}
+                    for queue, (kind, _results) in QUEUES.items()]
+        return self.db.run(tx)
+
+    def command_consumers(self, command: str, ids: Sequence[str] = (), *, all: bool = False,
+                          by: str | None = None) -> list[dict[str, Any]]:
+        """Tell consumers (the ids given, or every one not stopped) to drain or stop; returns each
+        one's command now (a stop is never turned into a drain). All or nothing: an id that is
+        not a consumer, or one that has stopped, raises ConfigurationError and tells no one."""
+        if command not in COMMANDS:
+            raise ConfigurationError(f"not a consumer command: {command!r} (one of {', '.join(COMMANDS)})")
+        if bool(ids) == all:
+            raise ConfigurationError("name consumer ids or --all, not both nor neither")
+
+        def tx(conn: Conn) -> list[dict[str, Any]]:
+            live = {r["id"] for r in conn.execute(sql("consumers_commandable"))}
+            missing = [i for i in dict.fromkeys(ids) if i not in live]
+            if missing:
+                raise ConfigurationError(f"no running consumer {', '.join(missing)}; see `genesis consumers`")
+            targets = sorted(live) if all else list(dict.fromkeys(ids))
+            if not targets:
+                return []
+            return conn.execute(sql("consumers_command"), {"ids": targets, "command": command, "by": by}).fetchall()
+        return self.db.run(tx)
 
     def failures(self, *, since_s: float, queue: str | None = None, type: str | None = None,
                  limit: int = 50) -> list[dict[str, Any]]:
@@ -155,9 +219,10 @@ class PgAdminStore:
         return self.db.run(tx)
 
     def status(self) -> dict[str, Any]:
-        """Per queue: depth, in flight, oldest age, archived, dead-lettered, outcomes; per type:
-        outcomes; throughput over the last minute and hour; failures by code (last hour);
-        consumers. The keys `queues` and `types` are the stable ones of `genesis status --json`."""
+        """Per queue: depth, in flight, oldest age, archived, dead-lettered, outcomes, paused; per
+        type: outcomes; throughput over the last minute and hour; failures by code (last hour);
+        the paused queues; consumers (with the drain or stop addressed to each). The keys `queues`
+        and `types` are the stable ones of `genesis status --json`."""
         def tx(conn: Conn) -> dict[str, Any]:
             metrics = {r["queue_name"]: r for r in conn.execute(sql("queue_metrics"))}
             counts: dict[str, Counter[str]] = defaultdict(Counter)
@@ -165,6 +230,7 @@ class PgAdminStore:
             for r in conn.execute(sql("run_counts")):
                 counts[r["queue"]][r["status"]] += r["n"]
                 types[r["type"]][r["status"]] += r["n"]
+            paused = {r["queue"]: r for r in conn.execute(sql("queues_paused"))}
             queues = {}
             for queue, (kind, results) in QUEUES.items():
                 m = metrics.get(queue, {})
@@ -181,6 +247,7 @@ class PgAdminStore:
                     "failed": counts[queue].get("failed", 0),
                     "retrying": counts[queue].get("pending", 0),
                     "running": counts[queue].get("running", 0),
+                    "paused": queue in paused,
                 }
             throughput = {}
             for label, window_s in (("last_minute", 60), ("last_hour", 3600)):
@@ -195,5 +262,6 @@ class PgAdminStore:
                                   "running": c["running"]} for t, c in sorted(types.items())},
                     "throughput": throughput,
                     "failures_by_code_last_hour": {r["code"]: r["n"] for r in by_code},
+                    "paused_queues": list(paused.values()),
                     "consumers": conn.execute(sql("consumers_list")).fetchall()}
         return self.db.run(tx)

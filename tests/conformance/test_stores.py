@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import pytest
 
 from genesis_pgflow.messages import Failure, Outcome
+from genesis_pgflow.store.control import ControlState
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.queue import PgQueueStore
 from genesis_pgflow.store.state import LlmConfig, PgStateStore, RuleVersion
-from genesis_pgflow.testing import FakeClock, MemoryQueueStore, MemoryStateStore
+from genesis_pgflow.testing import FakeClock, MemoryQueueStore, MemoryStateStore, wait_until
 
 Q = "genesis_rule_updates"
 NOW = dt.datetime(2026, 11, 21, tzinfo=dt.timezone.utc)
@@ -226,3 +227,72 @@ def test_a_refused_reply_to_is_answered_in_the_paired_queue_and_creates_nothing(
     twin.queues.complete([outcome(m, "failed", error=Failure("invalid_payload", "reply_to")) for m in read])
     assert twin.queue_names() == before
     assert len(twin.results("code_execution_results")) == len(hostile)
+
+
+# --- steering the fleet: paused queues and consumer commands (genesis.fleet_control) --------
+
+
+@dataclass
+class Steered:
+    queues: object      # QueueStore
+    admin: object       # pause_queue, resume_queue, paused_queues
+    control: object     # ControlStore of the consumer "test:1"
+    tell: Callable[[str], object]      # address drain or stop to "test:1"
+
+
+@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.db)])
+def steered(request):
+    if request.param == "memory":
+        store = MemoryQueueStore(clock=FakeClock())
+        yield Steered(store, store, store, lambda command: store.command_consumer("test:1", command))
+        return
+    from genesis_pgflow.store.admin import ConsumerPresence, PgAdminStore
+    from genesis_pgflow.store.control import PgControlStore
+
+    db = Database(request.getfixturevalue("db_dsn")).open()
+    ConsumerPresence(db, "test:1", (Q,), 1, 5.0, 3600.0).register()
+    admin = PgAdminStore(db)
+    control = PgControlStore(db, "test:1")
+    yield Steered(PgQueueStore(db, "test:1"), admin, control,
+                  lambda command: admin.command_consumers(command, ["test:1"]))
+    control.close()
+    db.close()
+
+
+def test_a_paused_queue_is_read_for_nothing_until_it_is_resumed(steered):
+    ids = [steered.queues.send(Q, {"n": i}) for i in range(2)]
+    [held] = steered.queues.read(Q, 1, lease_s=30)
+    assert steered.admin.pause_queue(Q) is True
+    assert steered.admin.pause_queue(Q) is False                     # paused already
+    assert [p["queue"] for p in steered.admin.paused_queues()] == [Q]
+    assert steered.control.control_state().paused == {Q}
+    assert steered.queues.read(Q, 5, lease_s=30) == []               # whatever the reader believes
+    assert steered.queues.read("genesis_llm_config_updates", 5, lease_s=30) == []   # others unaffected (empty)
+    # what was in flight finishes normally
+    done = outcome(held, result={"ok": True})
+    assert steered.queues.complete([done]) == [done]
+
+    assert steered.admin.resume_queue(Q) is True
+    assert steered.admin.resume_queue(Q) is False                    # not paused
+    assert steered.admin.paused_queues() == [] and steered.control.control_state().paused == frozenset()
+    assert [m.msg_id for m in steered.queues.read(Q, 5, lease_s=30)] == ids[1:]
+
+
+def test_a_change_to_the_control_table_wakes_its_listener(steered):
+    # a fresh channel says so (what came before it listened was not heard): drain that first
+    wait_until(lambda: not steered.control.wait_for_control(timeout_s=0.05), 10, what="a quiet channel")
+    steered.admin.pause_queue(Q)
+    assert wait_until(lambda: steered.control.wait_for_control(timeout_s=0.5), 10, what="the notification")
+    steered.admin.resume_queue(Q)
+    assert wait_until(lambda: steered.control.wait_for_control(timeout_s=0.5), 10, what="the notification")
+
+
+def test_a_command_is_addressed_to_one_consumer_and_a_stop_is_never_turned_into_a_drain(steered):
+    assert steered.control.control_state().command is None
+    steered.tell("drain")
+    assert steered.control.control_state().command == "drain"
+    steered.control.command_honoured("drain")
+    steered.tell("stop")
+    assert steered.control.control_state().command == "stop"
+    steered.tell("drain")
+    assert steered.control.control_state() == ControlState(frozenset(), "stop")

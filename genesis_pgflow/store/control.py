@@ -1,0 +1,98 @@
+"""The control seam: what a consumer obeys (paused queues, a drain or stop addressed to it) and the
+NOTIFY that tells it something changed. The table is genesis.fleet_control (migration 0007); the
+operators' side (pause, resume, commands) is PgAdminStore's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import psycopg
+
+from genesis_pgflow.store.database import Database, one
+from genesis_pgflow.store.queries import sql
+
+CHANNEL = "genesis_control"
+Command = Literal["drain", "stop"]
+COMMANDS: tuple[Command, ...] = ("drain", "stop")
+
+
+@dataclass(frozen=True)
+class ControlState:
+    """What one consumer is told: the queues no one may read now, and its own command, if any."""
+
+    paused: frozenset[str] = frozenset()
+    command: Command | None = None
+
+
+class ControlStore(Protocol):
+    """What the consumer needs to be steered. PgControlStore and testing.MemoryQueueStore both pass
+    tests/conformance."""
+
+    def control_state(self) -> ControlState:
+        """The paused queues and the command addressed to this consumer, as stored now."""
+
+    def wait_for_control(self, timeout_s: float) -> bool:
+        """Block until the control table may have changed, or timeout; True if so (also when the
+        channel was opened anew: a notification may have been missed meanwhile, so read again).
+        Raises StoreError when it cannot listen (the caller backs off and polls meanwhile)."""
+
+    def command_honoured(self, command: Command) -> None:
+        """Say that this consumer has begun to act on its command (status shows it)."""
+
+    def close(self) -> None:
+        """Release the listening connection."""
+
+
+class PgControlStore:
+    """ControlStore on genesis.fleet_control; listens on the channel genesis_control on a
+    connection of its own, opened again whenever the pool has been dropped since (as
+    PgQueueStore.wait_for_messages does)."""
+
+    def __init__(self, db: Database, consumer: str):
+        self.db = db
+        self.consumer = consumer
+        self._listener: psycopg.Connection | None = None
+        self._generation = -1
+
+    def control_state(self) -> ControlState:
+        row = self.db.run(lambda conn: one(conn.execute(sql("control_state"), {"consumer": self.consumer})))
+        command = row["command"] if row["command"] in COMMANDS else None
+        return ControlState(frozenset(row["paused"]), command)
+
+    def command_honoured(self, command: Command) -> None:
+        self.db.run(lambda conn: conn.execute(sql("command_honoured"),
+                                              {"consumer": self.consumer, "command": command}))
+
+    def wait_for_control(self, timeout_s: float) -> bool:
+        try:
+            if self._listen():
+                return True
+            assert self._listener is not None
+            for _ in self._listener.notifies(timeout=max(timeout_s, 0.0), stop_after=1):
+                return True
+            return False
+        except psycopg.Error:
+            self.close()
+            raise
+
+    def _listen(self) -> bool:
+        """LISTEN on a fresh connection if there is none, or the pool was dropped since; True if
+        it did (what happened before it listened was not heard)."""
+        if self._listener is not None and not self._listener.closed and self._generation == self.db.generation:
+            return False
+        self.close()
+        generation = self.db.generation
+        self._listener = self.db.connect("control", autocommit=True)
+        with self.db.watchdog.watch(self._listener, self.db.call_timeout_s):
+            self._listener.execute(f"LISTEN {CHANNEL}")
+        self._generation = generation
+        return True
+
+    def close(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except psycopg.Error:
+                pass
+        self._listener = None
