@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import getpass
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -289,8 +291,24 @@ def admin_parser() -> argparse.ArgumentParser:
     show.add_argument("msg_id", type=int, metavar="MSG_ID")
     show.add_argument("--json", action="store_true")
 
-    consumers = _command(sub, "consumers", _consumers, "the consumers registered: running, stopped or gone")
+    consumers = _command(sub, "consumers", _consumers, "the consumers registered: running, stopped or gone; "
+                                                       "drain or stop them")
     consumers.add_argument("--json", action="store_true")
+    steer = consumers.add_subparsers(dest="consumers_command", required=False, parser_class=_Parser, metavar="command")
+    for verb, what in (("drain", "take no new messages, finish those held, exit 0"),
+                       ("stop", "stop now as SIGTERM does: in-flight work finishes within the grace or is given back")):
+        told = _command(steer, verb, _consumers_command, f"tell consumers (ID..., or --all) to {verb}: {what}")
+        told.add_argument("ids", nargs="*", metavar="ID", help="a consumer id as `genesis consumers` lists it")
+        told.add_argument("--all", action="store_true", help="every consumer not stopped")
+        told.set_defaults(command_verb=verb)
+
+    queues = _group(sub, "queues", "the request queues: pause and resume them for every consumer")
+    queues_list = _command(queues, "list", _queues_list, "each request queue: paused or not, and its depth")
+    queues_list.add_argument("--json", action="store_true")
+    for verb, what in (("pause", "no consumer reads the queue from now on (in-flight messages finish)"),
+                       ("resume", "consumers read the queue again, no restart needed")):
+        paused = _command(queues, verb, _queues_pause if verb == "pause" else _queues_resume, what)
+        paused.add_argument("queue", choices=REQUEST_QUEUES, metavar="QUEUE")
 
     dlq = _group(sub, "dlq", "dead letters")
     dlq_list = _command(dlq, "list", _dlq_list, "the dead letters of a request queue, with their original and error")
@@ -474,9 +492,14 @@ def _status_text(status: dict[str, Any]) -> str:
                         [("type", _field("type"))] + [(c, _field(c)) for c in
                                                      ("completed", "failed", "retrying", "running")],
                         empty="(no runs yet)")]
+    paused = status.get("paused_queues", [])
+    lines += ["", "paused queues: " + (", ".join(f"{p['queue']} (since {_cell(p['paused_at'])} by {p['paused_by']})"
+                                                 for p in paused) or "none")]
     consumers = status["consumers"]
     states = Counter(c["state"] for c in consumers)
-    lines += ["", f"consumers: {states['running']} running, {states['gone']} gone, {states['stopped']} stopped"]
+    told = Counter(c.get("command") for c in consumers if c["state"] != "stopped")
+    lines += ["", f"consumers: {states['running']} running, {states['gone']} gone, {states['stopped']} stopped"
+                  + (f"; {told['drain']} draining, {told['stop']} stopping" if told["drain"] or told["stop"] else "")]
     live = [c for c in consumers if c["state"] != "stopped"]
     if live:
         lines.append(_consumers_table(live))
@@ -561,9 +584,17 @@ def _run_text(found: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _consumer_state(row: dict[str, Any]) -> str:
+    """running, gone or stopped; `running, draining` while a drain (or stop) addressed to it is pending."""
+    command = row.get("command")
+    if command is None or row["state"] == "stopped":
+        return str(row["state"])
+    return f"{row['state']}, {'draining' if command == 'drain' else 'stopping'}"
+
+
 def _consumers_table(rows: Sequence[dict[str, Any]]) -> str:
     return table(rows, [
-        ("id", _field("id")), ("state", _field("state")), ("version", _field("version")),
+        ("id", _field("id")), ("state", _consumer_state), ("version", _field("version")),
         ("parallel", _field("parallel")), ("in_flight", _field("in_flight")), ("started", _field("started_at")),
         ("heartbeat", lambda c: f"{_age(c['heartbeat_age_s'])} ago"), ("queues", _field("queues"))],
         empty="(no consumers registered)")
@@ -571,6 +602,54 @@ def _consumers_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def _consumers(app: App, args: argparse.Namespace) -> int:
     _emit(PgAdminStore(app.db).consumers(), args.json, _consumers_table)
+    return EXIT_OK
+
+
+def _operator() -> str:
+    """Who issued a pause or a command, as genesis.fleet_control records it: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):     # no name for this uid (a container)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _consumers_command(app: App, args: argparse.Namespace) -> int:
+    if bool(args.ids) == args.all:
+        raise ConfigurationError(f"`genesis consumers {args.command_verb}` takes consumer ids or --all, "
+                                 f"not {'both' if args.all else 'neither'}")
+    told = PgAdminStore(app.db).command_consumers(args.command_verb, args.ids, all=args.all, by=_operator())
+    if not told:
+        print(f"no running consumer to {args.command_verb}")
+        return EXIT_OK
+    for row in told:
+        print(f"{row['id']}: {row['command']}" + ("" if row["command"] == args.command_verb
+                                                  else " (already stopping; a stop is not turned into a drain)"))
+    print(f"told {len(told)} consumer(s) to {args.command_verb}; `genesis consumers` shows them leave")
+    return EXIT_OK
+
+
+def _queues_list(app: App, args: argparse.Namespace) -> int:
+    _emit(PgAdminStore(app.db).queues(), args.json, lambda rows: table(rows, [
+        ("queue", _field("queue")), ("type", _field("type")),
+        ("state", lambda r: "paused" if r["paused"] else "active"), ("depth", _field("depth")),
+        ("paused_since", _field("paused_at")), ("paused_by", _field("paused_by"))]))
+    return EXIT_OK
+
+
+def _queues_pause(app: App, args: argparse.Namespace) -> int:
+    if PgAdminStore(app.db).pause_queue(args.queue, by=_operator()):
+        print(f"paused {args.queue}: no consumer reads it until `genesis queues resume {args.queue}`")
+    else:
+        print(f"{args.queue} was paused already")
+    return EXIT_OK
+
+
+def _queues_resume(app: App, args: argparse.Namespace) -> int:
+    if PgAdminStore(app.db).resume_queue(args.queue):
+        print(f"resumed {args.queue}: the consumers read it again")
+    else:
+        print(f"{args.queue} was not paused")
     return EXIT_OK
 
 
