@@ -17,7 +17,7 @@ from genesis_pgflow.handlers.llm_config import LlmConfigManager
 from genesis_pgflow.handlers.rules import RuleEngine
 from genesis_pgflow.sandbox import Sandbox
 from genesis_pgflow.settings import Settings
-from genesis_pgflow.store import admin, retention, schema
+from genesis_pgflow.store import admin, retention, schema, tallies
 from genesis_pgflow.store.control import PgControlStore
 from genesis_pgflow.store.database import Database, check_reachable
 from genesis_pgflow.store.embedded import embedded_dsn
@@ -107,6 +107,7 @@ class App:
         consumer.periodic.append(("consumer_heartbeat", s.heartbeat_interval_s,
                                   lambda: presence.beat(len(consumer.running) + len(consumer.overrun))))
         consumer.periodic.append(retention.scheduled_job(self.db, s))
+        consumer.periodic.append(tallies.scheduled_job(self.db))
         return consumer
 
     def presence(self) -> admin.ConsumerPresence:

@@ -131,13 +131,32 @@ WHERE queue = %(queue)s AND msg_id = ANY(%(released)s::bigint[]) AND status = 'r
 SELECT queue_name, queue_length, queue_visible_length, oldest_msg_age_sec, total_messages FROM pgmq.metrics_all()
 
 -- name: run_counts
--- Completed and failed runs per queue and type.
-SELECT queue, coalesce(type, '(none)') AS type, status, count(*) AS n
-FROM genesis.workflow_runs GROUP BY queue, type, status
+-- Runs per queue, type and status, from the tallies (migration 0009): no scan of history.
+SELECT queue, coalesce(type, '(none)') AS type, status, sum(n)::bigint AS n
+FROM genesis.run_tallies GROUP BY queue, type, status HAVING sum(n) <> 0
 
--- name: count_archived
--- How many messages a queue has archived.
-SELECT count(*) FROM pgmq.{table}
+-- name: archived_counts
+-- How many messages each request queue has archived, from the tallies (migration 0009).
+SELECT queue, sum(n)::bigint AS n FROM genesis.archive_tallies GROUP BY queue
+
+-- name: compact_tallies
+-- Fold the deltas of both tallies into one row per group (the scheduled job tally_compaction). Rows
+-- added meanwhile by other transactions are not in this statement's snapshot and stay as they are.
+WITH runs AS (
+    DELETE FROM genesis.run_tallies RETURNING queue, type, status, n
+), runs_folded AS (
+    INSERT INTO genesis.run_tallies (queue, type, status, n)
+    SELECT queue, type, status, sum(n) FROM runs GROUP BY 1, 2, 3 HAVING sum(n) <> 0
+    RETURNING 1
+), archives AS (
+    DELETE FROM genesis.archive_tallies RETURNING queue, n
+), archives_folded AS (
+    INSERT INTO genesis.archive_tallies (queue, n)
+    SELECT queue, sum(n) FROM archives GROUP BY 1 HAVING sum(n) <> 0
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM archives) AS before,
+       (SELECT count(*) FROM runs_folded) + (SELECT count(*) FROM archives_folded) AS after
 
 -- name: take_dead_letters
 -- Lease the chosen (or all) messages of a dead-letter queue for requeueing.

@@ -76,3 +76,33 @@ FOR EACH ROW EXECUTE FUNCTION genesis.scrub_archived()
 -- Scrub the copies already in this pgmq archive (archived while it had no trigger).
 UPDATE pgmq.{table} SET message = genesis.redact(message), headers = genesis.redact(headers)
 WHERE message IS DISTINCT FROM genesis.redact(message) OR headers IS DISTINCT FROM genesis.redact(headers)
+
+-- name: tallied_archives
+-- Request queues whose pgmq archive keeps genesis.archive_tallies current (migration 0009).
+SELECT substr(c.relname, 3) AS queue_name
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'pgmq' AND t.tgname = 'genesis_tally_insert' AND NOT t.tgisinternal AND c.relname LIKE 'a\_%'
+
+-- name: lock_archive
+-- Hold writers of one archive off until this transaction commits (its first count and its triggers agree).
+LOCK TABLE pgmq.{table} IN SHARE MODE
+
+-- name: create_archive_tally_insert
+-- Count the rows each statement archives.
+CREATE TRIGGER genesis_tally_insert AFTER INSERT ON pgmq.{table}
+REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION genesis.tally_archive()
+
+-- name: create_archive_tally_delete
+-- Count the rows each statement deletes from an archive (genesis prune, a DBA).
+CREATE TRIGGER genesis_tally_delete AFTER DELETE ON pgmq.{table}
+REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION genesis.tally_archive()
+
+-- name: create_archive_tally_truncate
+-- An emptied archive counts nothing.
+CREATE TRIGGER genesis_tally_truncate AFTER TRUNCATE ON pgmq.{table}
+FOR EACH STATEMENT EXECUTE FUNCTION genesis.tally_archive()
+
+-- name: reset_archive_tally
+-- Start one archive's tally again from its rows as they are (under lock_archive).
+WITH gone AS (DELETE FROM genesis.archive_tallies WHERE queue = %(queue)s)
+INSERT INTO genesis.archive_tallies (queue, n) SELECT %(queue)s, count(*) FROM pgmq.{table}

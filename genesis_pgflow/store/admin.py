@@ -231,10 +231,11 @@ class PgAdminStore:
                 counts[r["queue"]][r["status"]] += r["n"]
                 types[r["type"]][r["status"]] += r["n"]
             paused = {r["queue"]: r for r in conn.execute(sql("queues_paused"))}
+            archived_counts = {r["queue"]: r["n"] for r in conn.execute(sql("archived_counts"))}
             queues = {}
             for queue, (kind, results) in QUEUES.items():
                 m = metrics.get(queue, {})
-                archived = one(conn.execute(_table("count_archived", table=f"a_{queue}")))["count"]
+                archived = archived_counts.get(queue, 0)
                 queues[queue] = {
                     "type": kind,
                     "depth": m.get("queue_length", 0),

@@ -117,6 +117,21 @@ def _ensure_scrubbing(conn: psycopg.Connection) -> list[str]:
     return restored
 
 
+def _ensure_archive_tallies(conn: psycopg.Connection) -> None:
+    """genesis.archive_tallies counts each request queue's archive (migration 0009): its triggers
+    go on each archive here, and again on one a DBA dropped and created again."""
+    tallied = {row[0] for row in conn.execute(sql("tallied_archives"))}
+    for name in REQUEST_QUEUES:
+        if name in tallied:
+            continue
+        table = pgsql.Identifier(f"a_{name}")
+        with conn.transaction():
+            conn.execute(pgsql.SQL(sql("lock_archive")).format(table=table))
+            for trigger in ("insert", "delete", "truncate"):
+                conn.execute(pgsql.SQL(sql(f"create_archive_tally_{trigger}")).format(table=table))
+            conn.execute(pgsql.SQL(sql("reset_archive_tally")).format(table=table), {"queue": name})
+
+
 def _migrate(dsn: str) -> None:
     engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=NullPool)
     try:
@@ -141,6 +156,7 @@ def upgrade(dsn: str) -> UpgradeReport:
             _migrate(dsn)
             report.revision_after = _current_revision(conn)
             _ensure_wakeups(conn)
+            _ensure_archive_tallies(conn)
             restored = _ensure_scrubbing(conn)
             if restored:
                 log.warning("the archive scrub trigger was missing and is back on: %s", ", ".join(restored))
@@ -167,6 +183,9 @@ def problems(dsn: str) -> list[str]:
         unwoken = sorted(set(REQUEST_QUEUES) - {row[0] for row in conn.execute(sql("wakeup_queues"))})
         if unwoken:
             found.append(f"no wake-up trigger on: {', '.join(unwoken)}")
+        untallied = sorted(set(REQUEST_QUEUES) - {row[0] for row in conn.execute(sql("tallied_archives"))})
+        if untallied:
+            found.append(f"no archive tally on: {', '.join(untallied)}")
         scrubbed = {row[0] for row in conn.execute(sql("scrubbed_archives"))}
         unscrubbed = [name for name in SCRUBBED_QUEUES if name not in scrubbed]
         if unscrubbed:
