@@ -23,8 +23,8 @@ from pydantic import ValidationError
 
 from genesis_pgflow import dashboard, maintenance, metrics
 from genesis_pgflow.app import App, resolve_dsn, upgrade_database
-from genesis_pgflow.errors import ConfigurationError
-from genesis_pgflow.messages import REQUEST_QUEUES, all_queue_names, redact
+from genesis_pgflow.errors import ConfigurationError, InvalidPayload, UnknownType
+from genesis_pgflow.messages import REQUEST_QUEUES, check_request, clip, queue_role, redact
 from genesis_pgflow.messages import safe_error as _safe_error
 from genesis_pgflow.messages import scrub as _scrub
 from genesis_pgflow.settings import Settings
@@ -268,9 +268,13 @@ def admin_parser() -> argparse.ArgumentParser:
     url = _command(db, "url", _db_url, "print the DSN of the database (for psql); the password hidden")
     url.add_argument("--show-password", action="store_true")
 
-    send = _command(sub, "send", _send, "send one JSON message to a queue")
-    send.add_argument("queue", choices=all_queue_names(), metavar="QUEUE")
+    send = _command(sub, "send", _send, "send one JSON message to a request queue, checked as the consumer will")
+    send.add_argument("queue", type=_request_queue_argument, metavar="QUEUE", help=", ".join(REQUEST_QUEUES))
     send.add_argument("json", type=_json_argument)
+    send.add_argument("--raw", action="store_true", help="send the payload unchecked (the consumer still checks it)")
+    send.add_argument("--headers", type=_json_argument, metavar="JSON", help="pgmq headers, a JSON object")
+    send.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
+                      help="one pgmq header, a string (repeatable; over --headers), e.g. correlation_id=c-42")
 
     status = _command(sub, "status", _status, "the database, queues, consumers, throughput, failures by code")
     status.add_argument("--json", action="store_true")
@@ -465,8 +469,39 @@ def _db_url(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _request_queue_argument(name: str) -> str:
+    """Only request queues: a result, dead-letter or reply_to queue is written by consumers alone."""
+    role = queue_role(name)
+    if role == "request":
+        return name
+    what = {"result": "a result queue", "dead_letter": "a dead-letter queue (genesis dlq requeue sends dead "
+            "letters back)", "reply_to": "a reply_to result queue"}.get(role or "", "not a queue of genesis_pgflow")
+    raise argparse.ArgumentTypeError(f"{clip(name, 64)!r} is {what}; genesis send writes only to a request "
+                                     f"queue: {', '.join(REQUEST_QUEUES)}")
+
+
+def _send_headers(args: argparse.Namespace) -> dict[str, Any] | None:
+    headers = args.headers
+    if headers is not None and not isinstance(headers, dict):
+        raise ConfigurationError(f"--headers must be a JSON object, not {type(headers).__name__}")
+    for pair in args.header:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"--header {clip(pair, 64)!r} is not KEY=VALUE")
+        headers = {**(headers or {}), key: value}
+    return headers
+
+
 def _send(app: App, args: argparse.Namespace) -> int:
-    print(app.queues.send(args.queue, args.json))
+    """Checked as the consumer will check it (unless --raw): a payload it would fail is not sent."""
+    headers = _send_headers(args)
+    if not args.raw:
+        try:
+            check_request(args.queue, args.json, headers)
+        except (InvalidPayload, UnknownType) as exc:
+            raise ConfigurationError(f"{exc.code}: {_scrub(exc.message)} (not sent; --raw sends it unchecked)") \
+                from None
+    print(app.queues.send(args.queue, args.json, headers))
     return EXIT_OK
 
 

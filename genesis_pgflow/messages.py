@@ -111,6 +111,31 @@ def reply_to(message: ReadMessage) -> str | None:
     return name
 
 
+def queue_role(name: str) -> str | None:
+    """What a queue name is in the contract: `request`, `result`, `dead_letter` or `reply_to`
+    (a name the reply_to rule allows); None for a name the contract does not know."""
+    if name in QUEUES:
+        return "request"
+    if name in {results for _type, results in QUEUES.values()}:
+        return "result"
+    if name in {dead_letter_queue(q) for q in QUEUES}:
+        return "dead_letter"
+    return "reply_to" if is_reply_queue(name) else None
+
+
+def check_request(queue: str, body: Any, headers: Any = None) -> Payload:
+    """What `genesis send` checks before it enqueues into a request queue: what the consumer will
+    (the payload against its type's model, reply_to against the naming rule), and that the type is
+    the queue's own. Raises InvalidPayload or UnknownType naming the field."""
+    kind = QUEUES[queue][0]
+    other = body.get("type") if isinstance(body, dict) else None
+    if isinstance(other, str) and other in PAYLOAD_TYPES and other != kind:
+        raise InvalidPayload(f"type: {other!r} is not the type of {queue} ({kind!r})", details={"field": "type"})
+    payload = parse_payload(body)
+    reply_to(ReadMessage(queue, 0, 0, dt.datetime.now(dt.timezone.utc), body, headers))
+    return payload
+
+
 def result_destination(message: ReadMessage) -> str:
     """The queue a request's result goes to: its valid reply_to, else its paired result queue
     (a refused reply_to included: its request fails with invalid_payload, answered there)."""

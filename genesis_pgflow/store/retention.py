@@ -8,8 +8,8 @@ What goes, each after its own age (0 keeps it forever):
   more than retention_archive_days ago (default 7);
 - runs (`genesis.workflow_runs`, with the `genesis.run_errors` they met) that are completed or
   failed and finished more than retention_runs_days ago (default 30); pending and running never;
-- result messages nobody read (`pgmq.q_<result queue>`) sent more than retention_results_days ago
-  (default 7) and not leased by a reader at the moment.
+- result messages nobody read (`pgmq.q_<result queue>`, reply_to queues included) sent more than
+  retention_results_days ago (default 7) and not leased by a reader at the moment.
 Dead letters (`pgmq.q_<queue>_dlq`) are never deleted: each waits for an operator's decision
 (`genesis dlq requeue`, or a DBA's `pgmq.delete`). Live request queues are never touched.
 
@@ -32,7 +32,7 @@ from typing import Any
 
 from psycopg import sql as pgsql
 
-from genesis_pgflow.messages import QUEUES, all_queue_names
+from genesis_pgflow.messages import QUEUES, all_queue_names, is_reply_queue
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.database import Conn, Database, maintenance_lock, one
 from genesis_pgflow.store.queries import sql
@@ -151,13 +151,18 @@ class PgRetention:
     # --- steps -----------------------------------------------------------------------------
 
     def _tables(self) -> tuple[list[str], list[str]]:
-        """The archive tables and the result queue tables that exist, in a fixed order."""
-        wanted_archives = [f"a_{q}" for q in all_queue_names()]
-        wanted_results = [f"q_{results}" for _type, results in QUEUES.values()]
-        names = wanted_archives + wanted_results
-        rows = self.db.run(lambda conn: conn.execute(sql("existing_queue_tables"), {"names": names}).fetchall())
-        found = {r["name"] for r in rows}
-        return [t for t in wanted_archives if t in found], [t for t in wanted_results if t in found]
+        """The archive tables and the result queue tables that exist, in a fixed order: the
+        contract's queues, then the reply_to queues requests created (found by the naming rule in
+        pgmq's list of queues), whose results and archives age like the paired queue's."""
+        def tx(conn: Conn) -> tuple[list[str], set[str]]:
+            replies = sorted(r["queue_name"] for r in conn.execute(sql("list_queues"))
+                             if is_reply_queue(r["queue_name"]))
+            wanted = [f"a_{q}" for q in all_queue_names() + replies] + \
+                     [f"q_{results}" for _type, results in QUEUES.values()] + [f"q_{q}" for q in replies]
+            return wanted, {r["name"] for r in conn.execute(sql("existing_queue_tables"), {"names": wanted})}
+        names, found = self.db.run(tx)
+        archives = [t for t in names if t.startswith("a_") and t in found]
+        return archives, [t for t in names if t.startswith("q_") and t in found]
 
     def _batch(self, table: str, query: str, before: dt.datetime, limit: int) -> int:
         statement = _statement(query, table)

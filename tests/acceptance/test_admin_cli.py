@@ -41,8 +41,8 @@ def env(db_dsn: str, genesis_home: Path) -> dict[str, str]:
     return cli_env(genesis_home, db_dsn)
 
 
-def send(env: dict[str, str], queue: str, body: dict[str, Any]) -> int:
-    return int(ok(run_cli(GENESIS, "send", queue, json.dumps(body), env=env)).stdout)
+def send(env: dict[str, str], queue: str, body: dict[str, Any], *flags: str) -> int:
+    return int(ok(run_cli(GENESIS, "send", queue, json.dumps(body), *flags, env=env)).stdout)
 
 
 def as_json(*argv: str, env: dict[str, str]) -> Any:
@@ -55,7 +55,7 @@ def burst(env: dict[str, str], db_dsn: str) -> dict[str, int]:
     that three consumers took and died on (dead-lettered), all drained by a real consumer."""
     sent = {"good": send(env, RULES, rule(1)), "good2": send(env, RULES, rule(2)),
             "low": send(env, RULES, rule(3, confidence=0.2)),
-            "invalid": send(env, RULES, {"type": "genesis_rule_update", "namespace": "cli"}),
+            "invalid": send(env, RULES, {"type": "genesis_rule_update", "namespace": "cli"}, "--raw"),
             "poison": send(env, LLM, {"type": "genesis_llm_config_update", "provider": "openai",
                                       "complexity": "simple", "models": ["o-1"],
                                       "settings": {"api_key": "sk-very-secret"}})}

@@ -152,7 +152,7 @@ def test_drain_consumes_every_queue_by_default(env: dict[str, str], db_dsn: str)
 def test_status_json_counts_per_queue(env: dict[str, str], db_dsn: str) -> None:
     ok(run_cli(GENESIS, "send", RULES, json.dumps(rule(1)), env=env))
     ok(run_cli(GENESIS, "send", RULES, json.dumps(rule(2, confidence=0.1)), env=env))  # low confidence: failed
-    ok(run_cli(GENESIS, "send", RULES, '{"type": "genesis_rule_update"}', env=env))   # invalid: failed
+    ok(run_cli(GENESIS, "send", RULES, '{"type": "genesis_rule_update"}', "--raw", env=env))   # invalid: failed
     ok(run_cli(GENESIS_CONSUME, "--drain", "--queues", RULES, *FAST, env=env))
     ok(run_cli(GENESIS, "send", RULES, json.dumps(rule(3)), env=env))                 # waiting
 
