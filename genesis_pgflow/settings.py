@@ -85,6 +85,9 @@ class Settings(BaseModel):
     min_rule_confidence: float = Field(default=0.85, ge=0, le=1)
     # ExperimentRunner
     regression_threshold: float = Field(default=0.05, ge=0, le=1)
+    # tests failing after the change run this many more times at the change and at the baseline:
+    # one that both passes and fails on a commit is flaky, never a regression
+    experiment_reruns: int = Field(default=2, ge=0, le=10)
     experiment_timeout_ms: int = Field(default=3_600_000, ge=1)
     max_experiment_timeout_ms: int = Field(default=3_600_000, ge=1)
     max_experiments_concurrent: int = Field(default=5, ge=1)

@@ -209,6 +209,8 @@ def test_a_harmless_change_succeeds_and_is_recommended(runner: ExperimentRunner,
         "recommendation": "merge", "rolled_back": False, "baseline_commit": baseline,
         "sandbox_path": str(runner.settings.sandboxes_dir / "exp-1"),
         "counted_by": "pytest-plugin", "flags": [], "test_config_changes": [],
+        "classes": {"pass->pass": 4, "pass->fail": 0, "fail->pass": 0, "fail->fail": 0},
+        "regressions": [], "fixed": [], "flaky": [], "reruns": 0,
     }
     assert result["metrics"]["duration_ms"] > 0
     copy = Path(result["sandbox_path"])

@@ -19,11 +19,15 @@ from genesis_pgflow.handlers.experiments.errors import (
 )
 from genesis_pgflow.handlers.experiments.policy import (
     DEFAULT_SELECTION,
+    TEST_CLASSES,
+    Classified,
     Decision,
     Metrics,
     Recommendation,
     Status,
+    TestClass,
     TestSelection,
+    classify,
     decide,
     measure,
 )
@@ -37,8 +41,9 @@ from genesis_pgflow.handlers.experiments.slots import ExperimentSlots
 from genesis_pgflow.suite import TestRun, parse_junit, read_report
 
 __all__ = [
-    "DEFAULT_SELECTION", "EXPERIMENT_LIMITS", "SANDBOX_PYTHON", "Decision", "ExperimentBusy", "ExperimentIdTaken",
-    "ExperimentRunner", "ExperimentSlots", "ExperimentSlotsBusy", "ExperimentTimedOut", "ExperimentUnmeasurable",
-    "Metrics", "Recommendation", "Status", "TestRun", "TestSelection", "UnexpectedFailure", "decide",
-    "default_python_path", "measure", "parse_junit", "read_report",
+    "DEFAULT_SELECTION", "EXPERIMENT_LIMITS", "SANDBOX_PYTHON", "TEST_CLASSES", "Classified", "Decision",
+    "ExperimentBusy", "ExperimentIdTaken", "ExperimentRunner", "ExperimentSlots", "ExperimentSlotsBusy",
+    "ExperimentTimedOut", "ExperimentUnmeasurable", "Metrics", "Recommendation", "Status", "TestClass", "TestRun",
+    "TestSelection", "UnexpectedFailure", "classify", "decide", "default_python_path", "measure", "parse_junit",
+    "read_report",
 ]

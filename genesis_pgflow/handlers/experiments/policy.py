@@ -9,10 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from genesis_pgflow.suite import TestRun
+from genesis_pgflow.suite import Outcome, TestRun
 
 Status = Literal["success", "regressed", "failed"]
 Recommendation = Literal["merge", "merge_with_review", "reject"]
+TestClass = Literal["pass->pass", "pass->fail", "fail->pass", "fail->fail"]
+TEST_CLASSES: tuple[TestClass, ...] = ("pass->pass", "pass->fail", "fail->pass", "fail->fail")
+# how many test ids a result lists per kind (regressions, flaky, ...); the counts are always whole
+LISTED_TESTS = 50
 
 
 # --- which tests a risk level runs ----------------------------------------------------------
@@ -45,6 +49,70 @@ DEFAULT_SELECTION: Mapping[str, TestSelection] = {
 }
 
 
+# --- each test's class across runs ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Classified:
+    """Every test seen in the runs of both commits: its class (SWE-bench's four), or flaky (it both
+    passed and failed on one commit), or skipped (skipped on a side, so not compared).
+
+    A side's outcome: pass if every run that reported the test passed it, fail if every one
+    failed or errored it, and a test no run of that side reported counts as failing there (a test
+    that vanished after the change is pass->fail; a new one is fail->pass or fail->fail). So a
+    regression (pass->fail) passed on every baseline run and failed on every change run."""
+
+    classes: Mapping[str, TestClass]
+    flaky: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = dict.fromkeys(TEST_CLASSES, 0)
+        for test_class in self.classes.values():
+            counts[test_class] += 1
+        return counts
+
+    def tests(self, test_class: TestClass) -> list[str]:
+        return sorted(t for t, c in self.classes.items() if c == test_class)
+
+    @property
+    def regressions(self) -> list[str]:
+        return self.tests("pass->fail")
+
+
+def _side(observed: Sequence[Outcome]) -> str:
+    """pass, fail, flaky, skip or absent: what one commit's runs said of a test."""
+    passed = "passed" in observed
+    failed = "failed" in observed or "error" in observed
+    if passed and failed:
+        return "flaky"
+    if passed:
+        return "pass"
+    if failed:
+        return "fail"
+    return "skip" if observed else "absent"
+
+
+def classify(baseline_runs: Sequence[Mapping[str, Outcome]],
+             change_runs: Sequence[Mapping[str, Outcome]]) -> Classified:
+    """Each test's class from every run at the baseline and every run after the change (a rerun may
+    cover only some tests: a test counts the runs that reported it)."""
+    tests = {t for run in (*baseline_runs, *change_runs) for t in run}
+    classes: dict[str, TestClass] = {}
+    flaky: list[str] = []
+    skipped: list[str] = []
+    for test in tests:
+        before = _side([run[test] for run in baseline_runs if test in run])
+        after = _side([run[test] for run in change_runs if test in run])
+        if "flaky" in (before, after):
+            flaky.append(test)
+        elif "skip" in (before, after):
+            skipped.append(test)
+        else:
+            classes[test] = f"{'pass' if before == 'pass' else 'fail'}->{'pass' if after == 'pass' else 'fail'}"  # type: ignore[assignment]
+    return Classified(classes, tuple(sorted(flaky)), tuple(sorted(skipped)))
+
+
 # --- metrics and the decision ---------------------------------------------------------------
 
 
@@ -64,15 +132,24 @@ class Metrics:
                 "failures": self.failures, "duration_ms": round(self.duration_ms, 3)}
 
 
-def measure(baseline: TestRun, change: TestRun, duration_ms: float) -> Metrics:
-    """Compare the two runs. A test that passed at the baseline and failed, errored or disappeared
-    after the change counts as regressed (one that became skipped does not)."""
-    before = baseline.passed
-    broken = {t for t in before if change.outcomes.get(t) in ("failed", "error", None)}
+def _rate(run: TestRun, apart: set[str]) -> float:
+    counted = [o for t, o in run.outcomes.items() if o != "skipped" and t not in apart]
+    return sum(1 for o in counted if o == "passed") / len(counted) if counted else 0.0
+
+
+def measure(baseline: TestRun, change: TestRun, duration_ms: float, classified: Classified | None = None) -> Metrics:
+    """Compare the two runs (and the reruns `classified` saw). A test that passed at the baseline and
+    failed, errored or disappeared after the change counts as regressed (one that became skipped
+    does not); a flaky test is set apart: it counts in neither success rate nor the regression."""
+    if classified is None:
+        classified = classify([baseline.outcomes], [change.outcomes])
+    apart = set(classified.flaky)
+    before = baseline.passed - apart
+    broken = classified.regressions
     return Metrics(
-        success_rate=change.success_rate,
+        success_rate=_rate(change, apart),
         regression=len(broken) / len(before) if before else 0.0,
-        baseline_success_rate=baseline.success_rate,
+        baseline_success_rate=_rate(baseline, apart),
         test_count=change.test_count,
         failures=change.count("failed") + change.count("error"),
         duration_ms=duration_ms,

@@ -17,8 +17,11 @@ One experiment, start to end:
    each run writes to a capped scratch over the copy (Workspace.scratch), never to the copy itself;
 3. change: apply `changes` (whole files, or a unified diff checked by `git apply --check`), commit
    on branch experiment/<experiment_id>, run the same tests again;
-4. measure: success_rate, regression (the share of tests that passed at the baseline and do not
-   pass after the change), test_count, failures, duration_ms;
+4. measure: the tests that fail after the change run settings.experiment_reruns more times at the
+   change and at the baseline; each test gets its class (pass->pass, pass->fail, fail->pass,
+   fail->fail) or is flaky (it passed and failed on one commit: set apart, never a regression);
+   success_rate, regression (the share of tests that passed at the baseline and fail after the
+   change), test_count, failures, duration_ms;
 5. decide: regression above the threshold rolls the copy back to the baseline commit; recommend
    merge, merge_with_review or reject (see policy.decide).
 
@@ -53,9 +56,12 @@ from genesis_pgflow.handlers.experiments.errors import (
 )
 from genesis_pgflow.handlers.experiments.policy import (
     DEFAULT_SELECTION,
+    LISTED_TESTS,
+    Classified,
     Decision,
     Metrics,
     TestSelection,
+    classify,
     decide,
     measure,
 )
@@ -102,6 +108,7 @@ class _Attempt:
     selection: list[str] = field(default_factory=list)
     baseline: TestRun | None = None
     change: TestRun | None = None
+    runs: int = 0  # suite runs so far: each gets its number as GENESIS_RUN_SEED
 
     @property
     def ids(self) -> dict[str, str]:
@@ -117,6 +124,15 @@ class _Measured:
     metrics: Metrics
     flags: list[str]
     config_changes: list[str]
+    classified: Classified
+    reruns: int
+
+    def as_json(self) -> dict[str, Any]:
+        """The measure phase's part of the result."""
+        classified = self.classified
+        return {"classes": classified.counts(), "regressions": classified.regressions[:LISTED_TESTS],
+                "fixed": classified.tests("fail->pass")[:LISTED_TESTS],
+                "flaky": list(classified.flaky[:LISTED_TESTS]), "reruns": self.reruns}
 
 
 class ExperimentRunner:
@@ -308,12 +324,47 @@ class ExperimentRunner:
         assert attempt.baseline is not None and attempt.change is not None
         assert attempt.baseline_commit is not None and attempt.change_commit is not None
         baseline, change = attempt.baseline, attempt.change
-        metrics = measure(baseline, change, (self.monotonic() - attempt.started) * 1000.0)
+        baseline_runs, change_runs = self._reruns(attempt)
+        classified = classify([baseline.outcomes, *baseline_runs], [change.outcomes, *change_runs])
+        metrics = measure(baseline, change, (self.monotonic() - attempt.started) * 1000.0, classified)
         config_changes = test_config_changes(attempt.workspace.git(
             "diff", "--name-only", "--no-renames", "-z", attempt.baseline_commit, attempt.change_commit
         ).stdout.split("\0"))
-        flags = (["test_config_changed"] if config_changes else []) + sorted({*baseline.flags, *change.flags})
-        return _Measured(metrics, flags, config_changes)
+        flags = ((["test_config_changed"] if config_changes else []) + sorted({*baseline.flags, *change.flags})
+                 + (["flaky_tests"] if classified.flaky else []))
+        return _Measured(metrics, flags, config_changes, classified, len(change_runs))
+
+    def _reruns(self, attempt: _Attempt) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The tests that failed after the change, run settings.experiment_reruns more times after
+        the change and as many at the baseline: the outcomes of each measured rerun (a rerun the
+        sandbox killed or whose report is not whole tells nothing and is left out)."""
+        assert attempt.change is not None and attempt.baseline_commit and attempt.change_commit
+        failing = sorted(t for t, o in attempt.change.outcomes.items() if o in ("failed", "error"))
+        if not failing or not self.settings.experiment_reruns:
+            return [], []
+        selection = self._rerun_selection(attempt, failing)
+        done: dict[str, list[dict[str, Any]]] = {"change": [], "baseline": []}
+        for phase, commit in (("change", attempt.change_commit), ("baseline", attempt.baseline_commit)):
+            attempt.workspace.restore(commit)
+            for _ in range(self.settings.experiment_reruns):
+                run = self._test_run(attempt, selection)
+                self.records.run_recorded(attempt.request.experiment_id, run.record(phase, commit))
+                if run.measured:
+                    done[phase].append(dict(run.outcomes))
+        attempt.workspace.restore(attempt.change_commit)
+        log.info("experiment %s: %d failing test(s) rerun %d more time(s) at the change and at the baseline",
+                 attempt.request.experiment_id, len(failing), self.settings.experiment_reruns)
+        return done["baseline"], done["change"]
+
+    def _rerun_selection(self, attempt: _Attempt, failing: Sequence[str]) -> list[str]:
+        """pytest reruns just the failing tests (their node ids, when they are plain enough to pass
+        as arguments); every other runner reruns what it ran (the outcomes of the other tests
+        count too: one that passed before and fails now is just as flaky)."""
+        assert attempt.baseline is not None
+        plain = all(not t.startswith("-") and "\n" not in t and "::" in t for t in failing)
+        if attempt.baseline.counted_by == "pytest-plugin" and plain and len(failing) <= 200:
+            return list(failing)
+        return attempt.selection
 
     def _decide(self, attempt: _Attempt, measured: _Measured) -> dict[str, Any]:
         request, workspace, change = attempt.request, attempt.workspace, attempt.change
@@ -339,6 +390,7 @@ class ExperimentRunner:
             "baseline_commit": attempt.baseline_commit,
             "sandbox_path": str(workspace.path),
             "counted_by": change.counted_by,
+            **measured.as_json(),
             "flags": measured.flags,
             "test_config_changes": measured.config_changes,
         }
@@ -386,12 +438,13 @@ class ExperimentRunner:
         limits = dataclasses.replace(self.limits, wall_s=min(self.limits.wall_s, left),
                                      cpu_s=max(1, min(self.limits.cpu_s, math.ceil(left))))
         request = attempt.request
+        attempt.runs += 1
         with attempt.workspace.scratch(max_bytes=self.settings.experiment_scratch_mb * 2**20,
                                        max_inodes=self.settings.experiment_scratch_inodes) as root:
             run = run_tests(self.sandbox, request.test_command,
                             attempt.selection if selection is None else selection, root=root, python=self.python,
                             python_path=self.python_path, limits=limits, timeout_s=left,
-                            cancelled=attempt.ctx.cancelled)
+                            cancelled=attempt.ctx.cancelled, env={"GENESIS_RUN_SEED": str(attempt.runs)})
         result = run.result
         if result.timed_out or result.cancelled:
             raise ExperimentTimedOut(f"the test suite was still running after {result.duration_s:.1f}s"
