@@ -29,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
+import re
 import secrets
 import stat
 import threading
@@ -77,6 +79,7 @@ class Verdict:
     rewritten: tuple[str, ...] = ()
     messages: Mapping[str, str] = field(default_factory=dict)  # test id -> its failure, in short
     lines: Mapping[str, int] = field(default_factory=dict)  # test id -> its line, where the runner says
+    durations: Mapping[str, float] = field(default_factory=dict)  # test id -> milliseconds, where known
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for o in self.outcomes.values() if o == outcome)
@@ -88,6 +91,7 @@ def read_channel(data: bytes, key: bytes, *, counted_by: CountedBy, truncated: b
     outcomes: dict[str, Outcome] = {}
     messages: dict[str, str] = {}
     lines: dict[str, int] = {}
+    durations: dict[str, float] = {}
     rewritten: list[str] = []
     begun: str | None = None
     started = ended = False
@@ -138,6 +142,9 @@ def read_channel(data: bytes, key: bytes, *, counted_by: CountedBy, truncated: b
                 messages[test_id] = str(payload["message"])[:300]
             if isinstance(payload.get("line"), int):
                 lines[test_id] = payload["line"]  # type: ignore[assignment]
+            took = payload.get("duration_ms")
+            if isinstance(took, int | float) and not isinstance(took, bool) and 0 <= took < 1e10:
+                durations[test_id] = float(took)
             if payload.get("rewritten"):
                 rewritten.append(test_id)
             if kind == "outcome":
@@ -164,7 +171,7 @@ def read_channel(data: bytes, key: bytes, *, counted_by: CountedBy, truncated: b
     elif not ended:
         problems.append("the report has no end marker")
     return Verdict(outcomes, counted_by, not problems, tuple(dict.fromkeys(problems)), tuple(rewritten),
-                   messages, lines)
+                   messages, lines, durations)
 
 
 def _signed_line(raw: bytes, key: bytes, number: int) -> tuple[str, dict[str, object]] | str:
@@ -319,6 +326,9 @@ class TestRun:
     counted_by: CountedBy = "exit-status"
     problems: tuple[str, ...] = ()
     rewritten: tuple[str, ...] = ()
+    durations: Mapping[str, float] = field(default_factory=dict)  # test id -> milliseconds, where reported
+    custom_metrics: Mapping[str, float] = field(default_factory=dict)  # from the suite's METRICS_FILE
+    metrics_problem: str | None = None  # why the suite's METRICS_FILE was refused (the tests still count)
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for o in self.outcomes.values() if o == outcome)
@@ -393,9 +403,11 @@ def run_tests(sandbox: Sandbox, test_command: Sequence[str] | None, selection: S
     """Run a repository's suite once in the sandbox with `root` as /sandbox, and read its verdict
     (see suite_command for how each kind of command is counted)."""
     (root / JUNIT_FILE).unlink(missing_ok=True)
+    (root / METRICS_FILE).unlink(missing_ok=True)
     with ReportChannel() as channel:
         suite = suite_command(test_command, selection, python=python, python_path=python_path, channel=channel)
-        variables = {"CI": "true", "PYTHONDONTWRITEBYTECODE": "1", **junit_env(), **channel.env, **(env or {})}
+        variables = {"CI": "true", "PYTHONDONTWRITEBYTECODE": "1", **junit_env(), **channel.env,
+                     "GENESIS_METRICS_FILE": f"{SANDBOX_DIR}/{METRICS_FILE}", **(env or {})}
         if suite.counted_by == "exunit-formatter":
             variables = {**MIX_ENV, **variables}
         if python_path:
@@ -403,13 +415,14 @@ def run_tests(sandbox: Sandbox, test_command: Sequence[str] | None, selection: S
         result = sandbox.run(suite.argv, writable=root, env=variables, ro_paths=suite.ro_paths, limits=limits,
                              timeout_s=timeout_s, cancelled=cancelled, pass_fds=channel.pass_fds)
     verdict = command_verdict(suite, channel, result, root / JUNIT_FILE, " ".join(test_command or ["pytest"]))
+    metrics, metrics_problem = read_metrics(root / METRICS_FILE)
     if result.limit is not None:
         # killed by the sandbox: whatever it reported so far is not the suite's verdict
         return TestRun(dict(verdict.outcomes), suite.argv, result, False, verdict.counted_by,
                        (f"the suite went past its {result.limit} limit and was killed", *verdict.problems),
-                       verdict.rewritten)
+                       verdict.rewritten, dict(verdict.durations), metrics, metrics_problem)
     return TestRun(dict(verdict.outcomes), suite.argv, result, verdict.measured, verdict.counted_by,
-                   verdict.problems, verdict.rewritten)
+                   verdict.problems, verdict.rewritten, dict(verdict.durations), metrics, metrics_problem)
 
 
 def _without_option(args: Sequence[str], option: str) -> list[str]:
@@ -435,7 +448,7 @@ def command_verdict(suite: SuiteCommand, channel: ReportChannel, result: Sandbox
     text = read_report(report)
     if text is not None:
         try:
-            return Verdict(parse_junit(text), "junit", True)
+            return Verdict(parse_junit(text), "junit", True, durations=junit_durations(text))
         except (ElementTree.ParseError, ValueError) as exc:
             problem = f"unreadable JUnit report: {exc}"
         else:  # pragma: no cover - both branches return
@@ -464,7 +477,53 @@ def parse_junit(text: str) -> dict[str, Outcome]:
     return outcomes
 
 
-def read_report(path: Path) -> str | None:
+def junit_durations(text: str) -> dict[str, float]:
+    """test id -> milliseconds, from the `time` (seconds) of each testcase that has a sane one."""
+    durations: dict[str, float] = {}
+    for case in ElementTree.fromstring(text).iter("testcase"):
+        classname, name = case.get("classname", ""), case.get("name", "")
+        try:
+            seconds = float(case.get("time", ""))
+        except ValueError:
+            continue
+        if math.isfinite(seconds) and 0 <= seconds < 1e7:
+            durations[f"{classname}::{name}" if classname else name] = round(seconds * 1000.0, 3)
+    return durations
+
+
+# --- custom metrics a suite reports --------------------------------------------------------------
+
+METRICS_FILE = ".genesis-metrics.json"
+METRICS_MAX_BYTES = 64 * 1024
+METRICS_MAX_KEYS = 50
+_METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+
+
+def read_metrics(path: Path) -> tuple[dict[str, float], str | None]:
+    """The custom metrics a suite wrote to $GENESIS_METRICS_FILE (`{"llm_calls": 12}`), and what was
+    wrong with the file if anything. The file is the tested code's: it must be a regular file of at
+    most METRICS_MAX_BYTES holding one JSON object of at most METRICS_MAX_KEYS names (letters,
+    digits, `_.-`, at most 64 characters) to finite numbers; anything else is refused whole."""
+    text = read_report(path, max_bytes=METRICS_MAX_BYTES)
+    if text is None:
+        return {}, (f"{METRICS_FILE} is not a regular file of at most {METRICS_MAX_BYTES} bytes"
+                    if os.path.lexists(path) else None)
+    try:
+        data = json.loads(text, parse_constant=lambda name: None)
+    except ValueError:
+        return {}, f"{METRICS_FILE} is not JSON"
+    if not isinstance(data, dict) or len(data) > METRICS_MAX_KEYS:
+        return {}, f"{METRICS_FILE} is not an object of at most {METRICS_MAX_KEYS} metrics"
+    metrics: dict[str, float] = {}
+    for name, value in data.items():
+        if not _METRIC_NAME.fullmatch(name) or isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value) or abs(value) > 1e15:
+            return {}, f"{METRICS_FILE}: metrics are names (letters, digits, _.-) of finite numbers"
+        metrics[name] = float(value)
+    return metrics, None
+
+
+def read_report(path: Path, max_bytes: int = JUNIT_MAX_BYTES) -> str | None:
     """The report the test run wrote, if it is a regular file (never through a symlink the code
     under test planted) of sane size."""
     try:
@@ -473,9 +532,9 @@ def read_report(path: Path) -> str | None:
         return None
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > JUNIT_MAX_BYTES:
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
             return None
-        return handle.read().decode("utf-8", errors="replace")
+        return handle.read(max_bytes + 1)[:max_bytes].decode("utf-8", errors="replace")
 
 
 def junit_env() -> dict[str, str]:

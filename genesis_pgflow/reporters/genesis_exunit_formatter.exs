@@ -61,7 +61,8 @@ defmodule GenesisPgflow.ExUnitFormatter do
     {outcome, message} = outcome(test.state)
     line = if is_integer(test.tags[:line]), do: test.tags[:line], else: nil
     state = %{state | seen: Map.put(state.seen, base, n), tests: state.tests + 1}
-    {:noreply, emit(state, "result", id: id, outcome: outcome, line: line, message: short(message, 300))}
+    {:noreply, emit(state, "result", id: id, outcome: outcome, line: line, message: short(message, 300),
+                             duration_ms: div(test.time || 0, 1000))}
   end
 
   def handle_cast({:suite_finished, _times}, state) do

@@ -86,7 +86,8 @@ export default async function* genesisReporter(source) {
     const message = error ? short(error.cause?.message ?? error.message, 300) : "";
     tests += 1;
     // no prototype: a toJSON a test put on Object.prototype cannot rewrite the line
-    emit("result", { __proto__: null, id, outcome: outcomeOf(event.type, data), line: data.line ?? null, message });
+    emit("result", { __proto__: null, id, outcome: outcomeOf(event.type, data), line: data.line ?? null, message,
+          duration_ms: typeof data.details?.duration_ms === "number" ? data.details.duration_ms : null });
   }
   emit("end", { tests, tampered: [] });
 }

@@ -33,7 +33,10 @@ import hmac
 import json
 import os
 import sys
+import time
 from typing import Any
+
+_CLOCK = time.perf_counter  # bound before any code under test can patch time
 
 _LINE_MAX = 3800  # below PIPE_BUF (4096), so that a line is written atomically
 _SEVERITY = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
@@ -111,6 +114,7 @@ class Reporter:
         self.begun = item.nodeid
         self.phases, self.finals, self.message = {}, {}, ""
         self.channel.emit("begin", {"id": item.nodeid})
+        began = _CLOCK()
         self._check_integrity(item)
         yield
         self._check_integrity(item)
@@ -120,7 +124,8 @@ class Reporter:
         outcome = raw if _SEVERITY[raw] >= _SEVERITY[final] else final
         self.tests += 1
         self.channel.emit("outcome", {"id": item.nodeid, "outcome": outcome, "raw": raw, "final": final,
-                                      "rewritten": rewritten, "message": self.message})
+                                      "rewritten": rewritten, "message": self.message,
+                                      "duration_ms": round((_CLOCK() - began) * 1000.0, 3)})
         self.begun = None
 
     def _raw_outcome(self, item: Any) -> str:

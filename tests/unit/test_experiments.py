@@ -210,7 +210,7 @@ def test_a_harmless_change_succeeds_and_is_recommended(runner: ExperimentRunner,
         "sandbox_path": str(runner.settings.sandboxes_dir / "exp-1"),
         "counted_by": "pytest-plugin", "flags": [], "test_config_changes": [],
         "classes": {"pass->pass": 4, "pass->fail": 0, "fail->pass": 0, "fail->fail": 0},
-        "regressions": [], "fixed": [], "flaky": [], "reruns": 0,
+        "regressions": [], "fixed": [], "flaky": [], "reruns": 0, "performance": result["performance"],
     }
     assert result["metrics"]["duration_ms"] > 0
     copy = Path(result["sandbox_path"])

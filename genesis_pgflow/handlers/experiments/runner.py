@@ -21,7 +21,8 @@ One experiment, start to end:
    change and at the baseline; each test gets its class (pass->pass, pass->fail, fail->pass,
    fail->fail) or is flaky (it passed and failed on one commit: set apart, never a regression);
    success_rate, regression (the share of tests that passed at the baseline and fail after the
-   change), test_count, failures, duration_ms;
+   change), test_count, failures, duration_ms; and the performance impact (wall, CPU time and peak
+   memory of the suite, the tests that got slower, the suite's custom metrics: performance.py);
 5. decide: regression above the threshold rolls the copy back to the baseline commit; recommend
    merge, merge_with_review or reject (see policy.decide).
 
@@ -54,6 +55,7 @@ from genesis_pgflow.handlers.experiments.errors import (
     ExperimentUnmeasurable,
     UnexpectedFailure,
 )
+from genesis_pgflow.handlers.experiments.performance import performance
 from genesis_pgflow.handlers.experiments.policy import (
     DEFAULT_SELECTION,
     LISTED_TESTS,
@@ -126,13 +128,15 @@ class _Measured:
     config_changes: list[str]
     classified: Classified
     reruns: int
+    performance: dict[str, Any]
 
     def as_json(self) -> dict[str, Any]:
         """The measure phase's part of the result."""
         classified = self.classified
         return {"classes": classified.counts(), "regressions": classified.regressions[:LISTED_TESTS],
                 "fixed": classified.tests("fail->pass")[:LISTED_TESTS],
-                "flaky": list(classified.flaky[:LISTED_TESTS]), "reruns": self.reruns}
+                "flaky": list(classified.flaky[:LISTED_TESTS]), "reruns": self.reruns,
+                "performance": self.performance}
 
 
 class ExperimentRunner:
@@ -332,7 +336,7 @@ class ExperimentRunner:
         ).stdout.split("\0"))
         flags = ((["test_config_changed"] if config_changes else []) + sorted({*baseline.flags, *change.flags})
                  + (["flaky_tests"] if classified.flaky else []))
-        return _Measured(metrics, flags, config_changes, classified, len(change_runs))
+        return _Measured(metrics, flags, config_changes, classified, len(change_runs), performance(baseline, change))
 
     def _reruns(self, attempt: _Attempt) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The tests that failed after the change, run settings.experiment_reruns more times after
