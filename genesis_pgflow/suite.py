@@ -368,30 +368,59 @@ class SuiteCommand:
     pytest: bool = False
 
 
+Runner = Literal["pytest", "mix", "node", "other"]
+# files that make a repository a Python one, whatever else it holds (a package.json for its assets)
+_PYTHON_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", "pytest.ini", "tox.ini", "conftest.py")
+
+
+def default_test_command(root: Path) -> list[str]:
+    """The runner of a repository whose request names none: `mix test` where mix.exs is at its
+    root, `node --test` where package.json is and no Python project file, else pytest."""
+    def has(name: str) -> bool:
+        return (root / name).is_file() and not (root / name).is_symlink()
+
+    if has("mix.exs"):
+        return ["mix", "test"]
+    if has("package.json") and not any(has(name) for name in _PYTHON_MARKERS):
+        return ["node", "--test"]
+    return ["pytest"]
+
+
+def runner_of(test_command: Sequence[str]) -> Runner:
+    """Which runner a test_command starts: pytest (`pytest ...`, `py.test ...`, `python -m pytest
+    ...`), mix (`mix test ...`), node (`node ... --test ...`), or another command."""
+    argv = list(test_command) or ["pytest"]
+    name = os.path.basename(argv[0])
+    if name in ("pytest", "py.test") or (name in ("python", "python3") and argv[1:3] == ["-m", "pytest"]):
+        return "pytest"
+    if name == "mix" and argv[1:2] == ["test"]:
+        return "mix"
+    if name == "node" and "--test" in argv[1:]:
+        return "node"
+    return "other"
+
+
 def suite_command(test_command: Sequence[str] | None, selection: Sequence[str], *, python: str,
                   python_path: Sequence[Path], channel: ReportChannel, node: str = "/usr/bin/node",
                   elixir: str = "/usr/bin/elixir") -> SuiteCommand:
-    """pytest (`pytest ...`, `py.test ...`, `python -m pytest ...`): our plugin, with the risk
-    level's selection; `node --test ...`: our reporter; `mix test ...`: our formatter; anything
-    else as given (`python ...` with the sandbox's interpreter), counted from the JUnit file it may
-    write, else its exit status."""
+    """pytest (`pytest ...`, `py.test ...`, `python -m pytest ...`): our plugin; `node --test ...`:
+    our reporter; `mix test ...`: our formatter; each with the risk level's `selection` appended
+    (selection.py); anything else as given (`python ...` with the sandbox's interpreter), counted
+    from the JUnit file it may write, else its exit status."""
     argv = list(test_command or ["pytest"])
-    pytest_args: list[str] | None = None
-    if argv[0] in ("pytest", "py.test") or os.path.basename(argv[0]) in ("pytest", "py.test"):
-        pytest_args = argv[1:]
-    elif os.path.basename(argv[0]) in ("python", "python3") and argv[1:3] == ["-m", "pytest"]:
-        pytest_args = argv[3:]
-    if pytest_args is not None:
+    runner = runner_of(argv)
+    if runner == "pytest":
+        pytest_args = argv[3:] if os.path.basename(argv[0]) in ("python", "python3") else argv[1:]
         args = ["-q", "-p", "no:cacheprovider", *pytest_args, *selection]
         return SuiteCommand(pytest_argv(python, args, channel, python_path), "pytest-plugin",
                             (REPORTERS_DIR, *python_path), pytest=True)
-    if os.path.basename(argv[0]) == "mix" and argv[1:2] == ["test"]:
-        return SuiteCommand(mix_test_argv(elixir, _without_option(argv[2:], "--formatter")), "exunit-formatter",
-                            (REPORTERS_DIR,))
-    if os.path.basename(argv[0]) == "node" and "--test" in argv[1:]:
+    if runner == "mix":
+        return SuiteCommand(mix_test_argv(elixir, [*_without_option(argv[2:], "--formatter"), *selection]),
+                            "exunit-formatter", (REPORTERS_DIR,))
+    if runner == "node":
         rest = _without_option(_without_option([a for a in argv[1:] if a != "--test"], "--test-reporter"),
                                "--test-reporter-destination")
-        return SuiteCommand(node_argv(node, rest), "node-reporter", (REPORTERS_DIR,))
+        return SuiteCommand(node_argv(node, [*rest, *selection]), "node-reporter", (REPORTERS_DIR,))
     if argv[0] in ("python", "python3"):
         argv = [python, *argv[1:]]
     return SuiteCommand(argv, "junit", tuple(python_path))

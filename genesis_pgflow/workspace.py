@@ -684,6 +684,25 @@ class Workspace:
         raise PatchDoesNotApply(f"the patch does not apply to the base commit: {message.splitlines()[0]}",
                                 details={"git_apply": message[-2000:]})
 
+    def patch_paths(self, patch: str) -> list[str]:
+        """The paths a patch that check_patch accepts touches (both names of a rename), as git
+        reads them (`git apply --numstat -z`), for choosing the tests of what changed."""
+        strip = self.check_patch(patch)
+        fields = self.git("apply", "--numstat", "-z", strip, "-", input=_terminated(patch)).stdout.split("\0")
+        paths: list[str] = []
+        rename = 0
+        for field in fields:
+            if rename:
+                paths.append(field)
+                rename -= 1
+            elif field.count("\t") >= 2:
+                name = field.split("\t", 2)[2]
+                if name:
+                    paths.append(name)
+                else:
+                    rename = 2  # `added<TAB>deleted<TAB>` then the old and the new name
+        return sorted(dict.fromkeys(p for p in paths if p))
+
     def apply_patch(self, patch: str) -> None:
         """Apply a unified diff once `git apply --check` has accepted it."""
         strip = self.check_patch(patch)

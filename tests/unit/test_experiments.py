@@ -209,6 +209,7 @@ def test_a_harmless_change_succeeds_and_is_recommended(runner: ExperimentRunner,
         "recommendation": "merge", "rolled_back": False, "baseline_commit": baseline,
         "sandbox_path": str(runner.settings.sandboxes_dir / "exp-1"),
         "counted_by": "pytest-plugin", "flags": [], "test_config_changes": [],
+        "selection": {"command": ["pytest"], "by": "paths", "args": ["tests/unit"]},
         "classes": {"pass->pass": 4, "pass->fail": 0, "fail->pass": 0, "fail->fail": 0},
         "regressions": [], "fixed": [], "flaky": [], "reruns": 0, "performance": result["performance"],
     }

@@ -144,10 +144,13 @@ def test_commands_per_runner() -> None:
                                      "/opt/site", "--", "-q", "-p", "no:cacheprovider", "-x", "tests/unit"]
         assert pytest_suite.counted_by == "pytest-plugin" and pytest_suite.ro_paths == (REPORTERS_DIR, site)
         assert suite_command(None, [], python="/p", python_path=[], channel=channel).counted_by == "pytest-plugin"
-        node = suite_command(["node", "--test", "--test-reporter=dot", "test/"], ["ignored"], python="/p",
+        node = suite_command(["node", "--test", "--test-reporter=dot", "test/"], [], python="/p",
                              python_path=[], channel=channel)
         assert node.counted_by == "node-reporter" and f"--test-reporter={NODE_REPORTER}" in node.argv
         assert "--test-reporter=dot" not in node.argv and node.argv[-1] == "test/"
+        # the risk level's selection (test files) goes after the command's own paths
+        node = suite_command(["node", "--test"], ["test/a.test.js"], python="/p", python_path=[], channel=channel)
+        assert node.argv[-2:] == [str(REPORTERS_DIR / "genesis_node_entry.mjs"), "test/a.test.js"]
         node = suite_command(["node", "--test", "--test-reporter", "spec", "--test-reporter-destination", "/x", "t/"],
                              [], python="/p", python_path=[], channel=channel)
         assert "spec" not in node.argv and "/x" not in node.argv and node.argv[-1] == "t/"
@@ -155,6 +158,9 @@ def test_commands_per_runner() -> None:
                             python_path=[], channel=channel)
         assert mix.counted_by == "exunit-formatter" and "Other" not in mix.argv
         assert mix.argv[:3] == ["/usr/bin/elixir", "-r", str(EXUNIT_FORMATTER)] and mix.argv[-1] == "test/a_test.exs"
+        mix = suite_command(["mix", "test"], ["test/a_test.exs", "--exclude", "slow"], python="/p", python_path=[],
+                            channel=channel)
+        assert mix.argv[-4:] == ["GenesisPgflow.ExUnitFormatter", "test/a_test.exs", "--exclude", "slow"]
         other = suite_command(["python", "run_tests.py"], ["ignored"], python="/usr/bin/python3", python_path=[],
                               channel=channel)
         assert other.argv == ["/usr/bin/python3", "run_tests.py"] and other.counted_by == "junit"

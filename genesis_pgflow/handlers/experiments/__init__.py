@@ -1,6 +1,7 @@
 """The experiment handler, as a small package (see docs/interface.md for the request and result):
 
-- policy.py: which tests a risk level runs, what two runs measure, the decision (pure);
+- policy.py: each test's class, what two runs measure, the decision (pure);
+- selection.py: which tests a risk level runs, per runner (pytest, ExUnit, node), and the result's `selection`;
 - slots.py: one run per experiment_id and max_experiments_concurrent, as one context manager;
 - runner.py: ExperimentRunner, which sequences the phases (copy, baseline, change, measure, decide);
 - errors.py: the errors an experiment can end in.
@@ -18,7 +19,6 @@ from genesis_pgflow.handlers.experiments.errors import (
     UnexpectedFailure,
 )
 from genesis_pgflow.handlers.experiments.policy import (
-    DEFAULT_SELECTION,
     TEST_CLASSES,
     Classified,
     Decision,
@@ -26,7 +26,6 @@ from genesis_pgflow.handlers.experiments.policy import (
     Recommendation,
     Status,
     TestClass,
-    TestSelection,
     classify,
     decide,
     measure,
@@ -37,13 +36,14 @@ from genesis_pgflow.handlers.experiments.runner import (
     ExperimentRunner,
     default_python_path,
 )
+from genesis_pgflow.handlers.experiments.selection import DEFAULT_SELECTION, Selected, TestSelection, select_tests
 from genesis_pgflow.handlers.experiments.slots import ExperimentSlots
 from genesis_pgflow.suite import TestRun, parse_junit, read_report
 
 __all__ = [
     "DEFAULT_SELECTION", "EXPERIMENT_LIMITS", "SANDBOX_PYTHON", "TEST_CLASSES", "Classified", "Decision",
     "ExperimentBusy", "ExperimentIdTaken", "ExperimentRunner", "ExperimentSlots", "ExperimentSlotsBusy",
-    "ExperimentTimedOut", "ExperimentUnmeasurable", "Metrics", "Recommendation", "Status", "TestClass", "TestRun",
-    "TestSelection", "UnexpectedFailure", "classify", "decide", "default_python_path", "measure", "parse_junit",
-    "read_report",
+    "ExperimentTimedOut", "ExperimentUnmeasurable", "Metrics", "Recommendation", "Selected", "Status", "TestClass",
+    "TestRun", "TestSelection", "UnexpectedFailure", "classify", "decide", "default_python_path", "measure",
+    "parse_junit", "read_report", "select_tests",
 ]

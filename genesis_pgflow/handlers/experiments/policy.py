@@ -1,12 +1,11 @@
-"""The experiment's pure policy: which tests a risk level runs, what the two runs measure, and the
-decision taken on it. Nothing here runs anything or touches the records, so every rule is
-testable on its own (tests/unit/test_experiments.py)."""
+"""The experiment's pure policy: each test's class across the runs, what the two runs measure, and
+the decision taken on it (which tests a risk level runs is selection.py). Nothing here runs
+anything or touches the records, so every rule is testable on its own (tests/unit/test_experiments.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from genesis_pgflow.suite import Outcome, TestRun
@@ -17,36 +16,6 @@ TestClass = Literal["pass->pass", "pass->fail", "fail->pass", "fail->fail"]
 TEST_CLASSES: tuple[TestClass, ...] = ("pass->pass", "pass->fail", "fail->pass", "fail->fail")
 # how many test ids a result lists per kind (regressions, flaky, ...); the counts are always whole
 LISTED_TESTS = 50
-
-
-# --- which tests a risk level runs ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TestSelection:
-    """The pytest arguments one risk level adds: the paths that exist among `paths`, else the
-    marker expression; both empty means the whole suite."""
-
-    __test__ = False  # not a pytest test class, whatever its name
-
-    paths: tuple[str, ...] = ()
-    marker: str | None = None
-
-    def pytest_args(self, root: Path) -> list[str]:
-        present = [p for p in self.paths if (root / p).is_dir() and not (root / p).is_symlink()]
-        if present:
-            return present
-        return ["-m", self.marker] if self.marker else []
-
-
-# low: unit tests; medium: unit and integration tests; high: the whole suite. By path when the
-# repository has tests/unit and tests/integration, else by marker. A selection that collects
-# nothing falls back to the whole suite.
-DEFAULT_SELECTION: Mapping[str, TestSelection] = {
-    "low": TestSelection(("tests/unit",), "not integration and not slow and not e2e"),
-    "medium": TestSelection(("tests/unit", "tests/integration"), "not slow and not e2e"),
-    "high": TestSelection(),
-}
 
 
 # --- each test's class across runs ---------------------------------------------------------

@@ -12,8 +12,9 @@ One experiment, start to end:
    its record counts one more attempt;
 1. copy: fetch `repo` at `base_ref` into <home>/sandboxes/<experiment_id>/ (workspace.py), at
    most GENESIS_EXPERIMENT_MAX_COPY_MB;
-2. baseline: run the test suite there, in the sandbox (sandbox.py), per-test outcomes from the runner's
-   report channel, never from the suite's output (suite.py);
+2. baseline: run the test suite there (the request's test_command, else the repository's runner
+   narrowed by the risk level: selection.py), in the sandbox (sandbox.py), per-test outcomes from
+   the runner's report channel, never from the suite's output (suite.py);
    each run writes to a capped scratch over the copy (Workspace.scratch), never to the copy itself;
 3. change: apply `changes` (whole files, or a unified diff checked by `git apply --check`), commit
    on branch experiment/<experiment_id>, run the same tests again;
@@ -57,22 +58,28 @@ from genesis_pgflow.handlers.experiments.errors import (
 )
 from genesis_pgflow.handlers.experiments.performance import performance
 from genesis_pgflow.handlers.experiments.policy import (
-    DEFAULT_SELECTION,
     LISTED_TESTS,
     Classified,
     Decision,
     Metrics,
-    TestSelection,
     classify,
     decide,
     measure,
+)
+from genesis_pgflow.handlers.experiments.selection import (
+    DEFAULT_SELECTION,
+    Selected,
+    TestSelection,
+    changed_paths,
+    select_tests,
+    selected_nothing,
 )
 from genesis_pgflow.handlers.experiments.slots import ExperimentSlots
 from genesis_pgflow.messages import ExperimentRequest
 from genesis_pgflow.sandbox import Limits, Sandbox
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.experiments import ExperimentRecords, ExperimentStart
-from genesis_pgflow.suite import NO_TESTS_COLLECTED, TestRun, run_tests, test_config_changes
+from genesis_pgflow.suite import TestRun, run_tests, test_config_changes
 from genesis_pgflow.workspace import RepoAllow, Source, Workspace, tree_size
 
 log = logging.getLogger(__name__)
@@ -108,6 +115,7 @@ class _Attempt:
     changed: bool = False
     rolled_back: bool = False
     selection: list[str] = field(default_factory=list)
+    selected: Selected | None = None  # the command and the risk level's selection (selection.py)
     baseline: TestRun | None = None
     change: TestRun | None = None
     runs: int = 0  # suite runs so far: each gets its number as GENESIS_RUN_SEED
@@ -288,14 +296,17 @@ class ExperimentRunner:
         """Run the baseline with the risk level's selection; if that selects nothing, the whole suite
         (and the change then runs the whole suite too)."""
         request = attempt.request
-        selection = self.selection.get(request.risk_level, TestSelection())
         # an explicit test_command is run as given; the risk level picks tests for the default one
-        attempt.selection = selection.pytest_args(attempt.workspace.path) if request.test_command is None else []
+        changed = changed_paths(attempt.workspace, [f.path for f in request.changes.files or []],
+                                request.changes.patch)
+        attempt.selected = select_tests(self.selection.get(request.risk_level, TestSelection()),
+                                        attempt.workspace.path, request.test_command, changed)
+        attempt.selection = list(attempt.selected.args)
         run = self._test_run(attempt)
-        if attempt.selection and run.result.returncode == NO_TESTS_COLLECTED and not run.test_count:
-            log.info("experiment %s: selection %s collected no test, running the whole suite",
+        if selected_nothing(attempt.selected, run):
+            log.info("experiment %s: selection %s ran no test, running the whole suite",
                      request.experiment_id, attempt.selection)
-            attempt.selection = []
+            attempt.selected, attempt.selection = attempt.selected.whole_suite(), []
             attempt.workspace.restore(attempt.baseline_commit or "HEAD")
             run = self._test_run(attempt)
         self.records.run_recorded(request.experiment_id, run.record("baseline", attempt.baseline_commit))
@@ -394,6 +405,7 @@ class ExperimentRunner:
             "baseline_commit": attempt.baseline_commit,
             "sandbox_path": str(workspace.path),
             "counted_by": change.counted_by,
+            "selection": attempt.selected.as_json() if attempt.selected else None,
             **measured.as_json(),
             "flags": measured.flags,
             "test_config_changes": measured.config_changes,
@@ -445,7 +457,7 @@ class ExperimentRunner:
         attempt.runs += 1
         with attempt.workspace.scratch(max_bytes=self.settings.experiment_scratch_mb * 2**20,
                                        max_inodes=self.settings.experiment_scratch_inodes) as root:
-            run = run_tests(self.sandbox, request.test_command,
+            run = run_tests(self.sandbox, attempt.selected.command if attempt.selected else request.test_command,
                             attempt.selection if selection is None else selection, root=root, python=self.python,
                             python_path=self.python_path, limits=limits, timeout_s=left,
                             cancelled=attempt.ctx.cancelled, env={"GENESIS_RUN_SEED": str(attempt.runs)})
