@@ -6,6 +6,14 @@ False, changing nothing) an id recorded for another instance. A run's `output_ta
 OUTPUT_TAIL_CHARS characters of what its test suite printed; it may hold anything the code under
 test could read, so `show_experiment` leaves it out unless asked (`output=True`).
 
+Resuming (docs/interface.md): an experiment is held by one delivery of its request, its fence
+(queue, msg_id and the message's read_ct). `experiment_started(start, fence)` claims it: a later
+delivery of the same message takes it over and gets the phases already finished (PHASES, with
+what each left for the next), a new message for the id starts it afresh, and an older delivery
+than the recorded one is refused (AttemptSuperseded). Every phase, result or failure written with
+a fence is refused the same way unless that fence still holds the experiment, so a consumer that
+lost its lease can neither write a phase nor a result.
+
 `ExperimentRecords` is the seam; `PgExperimentRecords` keeps the records in the genesis schema
 (sql/experiments.sql) and `MemoryExperimentRecords` is its in-memory twin. One conformance suite
 (tests/integration/test_experiment_records.py) runs against both.
@@ -15,13 +23,14 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from psycopg.types.json import Jsonb
 
+from genesis_pgflow.errors import RetryableError
 from genesis_pgflow.store.database import Conn, Database, maintenance_lock, one
 from genesis_pgflow.store.queries import sql
 
@@ -32,8 +41,52 @@ EXPERIMENT_COLUMNS = (
     "baseline_success_rate", "test_count", "failures", "duration_ms", "recommendation", "rolled_back", "error",
     "started_at", "finished_at",
 )
+# shown by show_experiment only (list_experiments leaves the whole result out)
+SHOWN_ONLY = ("result", "fence_attempt")
 METRICS = ("success_rate", "regression", "baseline_success_rate", "test_count", "failures", "duration_ms")
 OUTPUT_TAIL_CHARS = 2000
+# an experiment's phases, in the order they run (handlers/experiments/runner.py)
+PHASES = ("copy", "baseline", "change", "measure", "decide")
+
+
+class AttemptSuperseded(RetryableError):
+    """A later delivery of the request (or a newer request for the id) holds the experiment now:
+    this consumer lost its lease, and stops without writing anything more."""
+
+    code = "attempt_superseded"
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The delivery holding an experiment: the request's queue, its msg_id, and read_ct (attempt)."""
+
+    queue: str
+    msg_id: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What experiment_started found: owned (False: another instance_id owns the id) and, for a
+    later delivery of the same request, the phases already finished (phase -> the state it left)."""
+
+    owned: bool
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attempts: int = 0
+
+    def __bool__(self) -> bool:
+        return self.owned
+
+
+@dataclass(frozen=True)
+class SandboxEvent:
+    """One event in a sandbox's history, written with the phase that caused it."""
+
+    sandbox_path: str
+    event: str
+    size_bytes: int | None = None
+    age_s: float | None = None
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +118,7 @@ class RunRecord:
     skipped: int
     duration_ms: float
     output_tail: str = ""
+    step: str | None = None  # the runner's phase that ran it: baseline, change or measure (a rerun)
 
     @property
     def test_count(self) -> int:
@@ -78,9 +132,19 @@ class RunRecord:
 class ExperimentRecords(Protocol):
     """Where ExperimentRunner and sandbox maintenance keep what they did."""
 
-    def experiment_started(self, start: ExperimentStart) -> bool:
-        """A new experiment, or a new attempt at one (its previous outcome is cleared); False, and
-        nothing changed, if the experiment_id is recorded for another instance_id."""
+    def experiment_started(self, start: ExperimentStart, fence: Fence | None = None) -> Claim:
+        """A new experiment, or a new attempt at one (its previous outcome and phases are cleared),
+        or, given the fence of a later delivery of the request that holds it, that experiment
+        resumed (Claim.phases: the phases finished so far). A false Claim, and nothing changed, if
+        the experiment_id is recorded for another instance_id; AttemptSuperseded if the fence is
+        an older delivery than the recorded one."""
+
+    def phase_finished(self, experiment_id: str, phase: str, state: dict[str, Any], *, fence: Fence | None = None,
+                       runs: Sequence[RunRecord] = (), events: Sequence[SandboxEvent] = (),
+                       baseline_commit: str | None = None, change_commit: str | None = None) -> None:
+        """One phase finished, in one transaction with the runs and sandbox events it made and the
+        commits it found: state is what the next phase needs. AttemptSuperseded (nothing written)
+        unless the fence still holds the experiment."""
 
     def commits_recorded(self, experiment_id: str, *, baseline_commit: str | None = None,
                          change_commit: str | None = None) -> None:
@@ -89,12 +153,15 @@ class ExperimentRecords(Protocol):
     def run_recorded(self, experiment_id: str, run: RunRecord) -> None:
         """One test-suite run of the current attempt."""
 
-    def experiment_finished(self, experiment_id: str, result: dict[str, Any]) -> None:
-        """The handler's result: status, metrics, recommendation, rolled_back, baseline_commit."""
+    def experiment_finished(self, experiment_id: str, result: dict[str, Any], *, fence: Fence | None = None,
+                            events: Sequence[SandboxEvent] = ()) -> None:
+        """The handler's result (status, metrics, recommendation, rolled_back, baseline_commit and the
+        whole result kept as `result`), recorded as the decide phase; fenced as phase_finished."""
 
     def experiment_failed(self, experiment_id: str, error: dict[str, Any], *, rolled_back: bool,
-                          duration_ms: float) -> None:
-        """The experiment ended in an error ({"code", "message", "details"})."""
+                          duration_ms: float, fence: Fence | None = None, runs: Sequence[RunRecord] = ()) -> None:
+        """The experiment ended in an error ({"code", "message", "details"}), with the runs of the
+        phase it broke off in; fenced as phase_finished."""
 
     def sandbox_event(self, experiment_id: str, sandbox_path: str, event: str, *, size_bytes: int | None = None,
                       age_s: float | None = None, detail: str | None = None) -> None:
@@ -104,8 +171,8 @@ class ExperimentRecords(Protocol):
         """The latest experiments, newest first."""
 
     def show_experiment(self, experiment_id: str, *, output: bool = False) -> dict[str, Any] | None:
-        """One experiment with "metrics", its "runs" and its "sandbox_events"; None if unknown. The
-        runs' output_tail only with output=True."""
+        """One experiment with "metrics", its "result", its "phases", its "runs" and its
+        "sandbox_events"; None if unknown. The runs' output_tail only with output=True."""
 
     def experiment_owners(self, experiment_ids: list[str]) -> dict[str, dict[str, Any]]:
         """experiment_id -> {"instance_id", "status", "started_at", "finished_at"} of the known ones."""
@@ -137,6 +204,12 @@ def _check_event(event: str) -> None:
         raise ValueError(f"unknown sandbox event {event!r}; known: {', '.join(SANDBOX_EVENTS)}")
 
 
+def _run_params(experiment_id: str, run: RunRecord) -> dict[str, Any]:
+    return {**asdict(run), "experiment_id": experiment_id, "command": Jsonb(run.command),
+            "output_tail": run.output_tail[-OUTPUT_TAIL_CHARS:], "test_count": run.test_count,
+            "success_rate": run.success_rate}
+
+
 def _without_output(runs: list[dict[str, Any]], output: bool) -> list[dict[str, Any]]:
     return runs if output else [{k: v for k, v in run.items() if k != "output_tail"} for run in runs]
 
@@ -147,6 +220,29 @@ def _finish_params(experiment_id: str, result: dict[str, Any]) -> dict[str, Any]
             "recommendation": result["recommendation"], "rolled_back": bool(result["rolled_back"]),
             "baseline_commit": result.get("baseline_commit"),
             **{name: metrics.get(name) for name in METRICS}}
+
+
+def _fence_params(fence: Fence | None) -> dict[str, Any]:
+    return {"queue": fence.queue if fence else None, "msg_id": fence.msg_id if fence else None,
+            "attempt": fence.attempt if fence else None}
+
+
+def _superseded(experiment_id: str, fence: Fence | None, holder: Any = None) -> AttemptSuperseded:
+    held = f" (held by attempt {holder})" if holder is not None else ""
+    return AttemptSuperseded(
+        f"experiment {experiment_id}: attempt {fence.attempt if fence else '?'} no longer holds it{held}; "
+        "it stops here without writing anything more",
+        details={"experiment_id": experiment_id, "attempt": fence.attempt if fence else None,
+                 "held_by_attempt": holder, "rolled_back": False})
+
+
+def _check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
+
+
+def _in_phase_order(phases: dict[str, Any]) -> dict[str, Any]:
+    return {name: phases[name] for name in PHASES if name in phases}
 
 
 # --- PostgreSQL -----------------------------------------------------------------------------
@@ -161,8 +257,68 @@ class PgExperimentRecords:
     def _execute(self, query: str, params: dict[str, Any]) -> None:
         self.db.run(lambda conn: conn.execute(query, params))
 
-    def experiment_started(self, start: ExperimentStart) -> bool:
-        return self.db.run(lambda conn: conn.execute(sql("experiment_start"), asdict(start)).fetchone()) is not None
+    def experiment_started(self, start: ExperimentStart, fence: Fence | None = None) -> Claim:
+        ids = {"experiment_id": start.experiment_id}
+
+        def fresh(conn: Conn) -> Claim:
+            row = conn.execute(sql("experiment_start"), {**asdict(start), **_fence_params(fence)}).fetchone()
+            if row is None:
+                return Claim(False)
+            conn.execute(sql("experiment_phases_clear"), ids)
+            return Claim(True, {}, row["attempts"])
+
+        def tx(conn: Conn) -> Claim:
+            current = conn.execute(sql("experiment_claim_row"), ids).fetchone() if fence else None
+            if current is None or current["instance_id"] != start.instance_id:
+                return fresh(conn)
+            if (current["fence_queue"], current["fence_msg_id"]) != (fence.queue, fence.msg_id):  # type: ignore[union-attr]
+                return fresh(conn)   # a new request for the id: from its copy again
+            if current["fence_attempt"] is not None and fence.attempt < current["fence_attempt"]:  # type: ignore[union-attr]
+                raise _superseded(start.experiment_id, fence, current["fence_attempt"])
+            row = one(conn.execute(sql("experiment_resume"), {**ids, "attempt": fence.attempt}))  # type: ignore[union-attr]
+            phases = {r["phase"]: r["state"] for r in conn.execute(sql("experiment_phases_of"), ids)}
+            return Claim(True, _in_phase_order(phases), row["attempts"])
+        return self.db.run(tx)
+
+    def _fenced(self, conn: Conn, experiment_id: str, fence: Fence | None, *, baseline_commit: str | None = None,
+                change_commit: str | None = None) -> int | None:
+        """Check the fence (row-locking the experiment until the write commits) and keep the
+        commits; the attempt the phase is recorded under (None: no such experiment, and no fence
+        to answer for, so nothing to write)."""
+        row = conn.execute(sql("experiment_fence"), {
+            "experiment_id": experiment_id, "baseline_commit": baseline_commit, "change_commit": change_commit,
+            **_fence_params(fence)}).fetchone()
+        if row is None and fence is None:
+            return None
+        if row is None:
+            holder = conn.execute(sql("experiment_claim_row"), {"experiment_id": experiment_id}).fetchone()
+            raise _superseded(experiment_id, fence, holder["fence_attempt"] if holder else None)
+        return int(fence.attempt if fence else (row["fence_attempt"] or 0))
+
+    def _insert_runs(self, conn: Conn, experiment_id: str, runs: Sequence[RunRecord]) -> None:
+        for run in runs:
+            conn.execute(sql("experiment_run_insert"), _run_params(experiment_id, run))
+
+    def _insert_events(self, conn: Conn, experiment_id: str, events: Sequence[SandboxEvent]) -> None:
+        for event in events:
+            _check_event(event.event)
+            conn.execute(sql("sandbox_event_insert"), {"experiment_id": experiment_id, **asdict(event)})
+
+    def phase_finished(self, experiment_id: str, phase: str, state: dict[str, Any], *, fence: Fence | None = None,
+                       runs: Sequence[RunRecord] = (), events: Sequence[SandboxEvent] = (),
+                       baseline_commit: str | None = None, change_commit: str | None = None) -> None:
+        _check_phase(phase)
+
+        def tx(conn: Conn) -> None:
+            attempt = self._fenced(conn, experiment_id, fence, baseline_commit=baseline_commit,
+                                   change_commit=change_commit)
+            if attempt is None:
+                return
+            conn.execute(sql("experiment_phase_insert"), {"experiment_id": experiment_id, "phase": phase,
+                                                          "attempt": attempt, "state": Jsonb(state)})
+            self._insert_runs(conn, experiment_id, runs)
+            self._insert_events(conn, experiment_id, events)
+        self.db.run(tx)
 
     def commits_recorded(self, experiment_id: str, *, baseline_commit: str | None = None,
                          change_commit: str | None = None) -> None:
@@ -170,18 +326,29 @@ class PgExperimentRecords:
             "experiment_id": experiment_id, "baseline_commit": baseline_commit, "change_commit": change_commit})
 
     def run_recorded(self, experiment_id: str, run: RunRecord) -> None:
-        self._execute(sql("experiment_run_insert"), {
-            **asdict(run), "experiment_id": experiment_id, "command": Jsonb(run.command),
-            "output_tail": run.output_tail[-OUTPUT_TAIL_CHARS:],
-            "test_count": run.test_count, "success_rate": run.success_rate})
+        self._execute(sql("experiment_run_insert"), _run_params(experiment_id, run))
 
-    def experiment_finished(self, experiment_id: str, result: dict[str, Any]) -> None:
-        self._execute(sql("experiment_finish"), _finish_params(experiment_id, result))
+    def experiment_finished(self, experiment_id: str, result: dict[str, Any], *, fence: Fence | None = None,
+                            events: Sequence[SandboxEvent] = ()) -> None:
+        def tx(conn: Conn) -> None:
+            attempt = self._fenced(conn, experiment_id, fence)
+            if attempt is None:
+                return
+            conn.execute(sql("experiment_phase_insert"), {"experiment_id": experiment_id, "phase": "decide",
+                                                          "attempt": attempt, "state": Jsonb(result)})
+            self._insert_events(conn, experiment_id, events)
+            conn.execute(sql("experiment_finish"), {**_finish_params(experiment_id, result), "result": Jsonb(result)})
+        self.db.run(tx)
 
     def experiment_failed(self, experiment_id: str, error: dict[str, Any], *, rolled_back: bool,
-                          duration_ms: float) -> None:
-        self._execute(sql("experiment_fail"), {"experiment_id": experiment_id, "error": Jsonb(error),
-                                          "rolled_back": rolled_back, "duration_ms": duration_ms})
+                          duration_ms: float, fence: Fence | None = None, runs: Sequence[RunRecord] = ()) -> None:
+        def tx(conn: Conn) -> None:
+            if self._fenced(conn, experiment_id, fence) is None:
+                return
+            self._insert_runs(conn, experiment_id, runs)
+            conn.execute(sql("experiment_fail"), {"experiment_id": experiment_id, "error": Jsonb(error),
+                                                  "rolled_back": rolled_back, "duration_ms": duration_ms})
+        self.db.run(tx)
 
     def sandbox_event(self, experiment_id: str, sandbox_path: str, event: str, *, size_bytes: int | None = None,
                       age_s: float | None = None, detail: str | None = None) -> None:
@@ -203,7 +370,10 @@ class PgExperimentRecords:
             runs = conn.execute(sql("experiment_runs_of"), {"experiment_id": experiment_id}).fetchall()
             events = conn.execute(sql("sandbox_events_list"), {"experiment_id": experiment_id, "event": None,
                                                                "limit": 1000}).fetchall()
-            return {**with_metrics(row), "runs": _without_output(runs, output), "sandbox_events": events}
+            phases = {r["phase"]: {"attempt": r["attempt"], "finished_at": r["finished_at"]}
+                      for r in conn.execute(sql("experiment_phases_of"), {"experiment_id": experiment_id})}
+            return {**with_metrics(row), "phases": _in_phase_order(phases), "runs": _without_output(runs, output),
+                    "sandbox_events": events}
         return self.db.run(tx)
 
     def experiment_owners(self, experiment_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -268,18 +438,81 @@ class MemoryExperimentRecords:
     experiments: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # experiment_id -> phase -> {"attempt", "state", "finished_at"}; experiment_id -> (queue, msg_id)
+    phases: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    holders: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
 
-    def experiment_started(self, start: ExperimentStart) -> bool:
+    def experiment_started(self, start: ExperimentStart, fence: Fence | None = None) -> Claim:
         with self._mutex:
             previous = self.experiments.get(start.experiment_id)
             if previous is not None and previous["instance_id"] != start.instance_id:
-                return False
-            row: dict[str, Any] = {name: None for name in EXPERIMENT_COLUMNS}
+                return Claim(False)
+            holder = (fence.queue, fence.msg_id) if fence else (None, None)
+            if fence is not None and previous is not None and self.holders.get(start.experiment_id) == holder:
+                if previous["fence_attempt"] is not None and fence.attempt < previous["fence_attempt"]:
+                    raise _superseded(start.experiment_id, fence, previous["fence_attempt"])
+                previous.update(fence_attempt=fence.attempt, attempts=previous["attempts"] + 1)
+                if previous["result"] is None:
+                    previous.update(status="running", error=None, rolled_back=False, recommendation=None,
+                                    finished_at=None)
+                phases = {name: p["state"] for name, p in self.phases.get(start.experiment_id, {}).items()}
+                return Claim(True, _in_phase_order(phases), previous["attempts"])
+            row: dict[str, Any] = {name: None for name in (*EXPERIMENT_COLUMNS, *SHOWN_ONLY)}
             row.update(asdict(start), status="running", rolled_back=False, started_at=self.now(),
-                       attempts=(previous["attempts"] + 1) if previous else 1)
+                       attempts=(previous["attempts"] + 1) if previous else 1,
+                       fence_attempt=fence.attempt if fence else None)
             self.experiments[start.experiment_id] = row
-            return True
+            self.holders[start.experiment_id] = holder
+            self.phases.pop(start.experiment_id, None)
+            return Claim(True, {}, row["attempts"])
+
+    def _fenced(self, experiment_id: str, fence: Fence | None) -> dict[str, Any] | None:
+        """The experiment's row if the fence still holds it (call with the mutex held); None if
+        there is no such experiment and no fence to answer for."""
+        row = self.experiments.get(experiment_id)
+        if row is None and fence is None:
+            return None
+        if row is None:
+            raise _superseded(experiment_id, fence)
+        if fence is not None and (self.holders.get(experiment_id) != (fence.queue, fence.msg_id)
+                                  or row["fence_attempt"] != fence.attempt):
+            raise _superseded(experiment_id, fence, row["fence_attempt"])
+        return row
+
+    def _add_run(self, experiment_id: str, row: dict[str, Any], run: RunRecord) -> None:
+        record = {"attempt": row["attempts"], **asdict(run), "output_tail": run.output_tail[-OUTPUT_TAIL_CHARS:],
+                  "test_count": run.test_count, "success_rate": run.success_rate, "recorded_at": self.now()}
+        record["commit_sha"] = record.pop("commit")
+        self.runs.append({"experiment_id": experiment_id, **record})
+
+    def _add_event(self, experiment_id: str, event: SandboxEvent) -> None:
+        _check_event(event.event)
+        self.events.append({"experiment_id": experiment_id, **asdict(event), "recorded_at": self.now()})
+
+    def _add_phase(self, experiment_id: str, row: dict[str, Any], phase: str, state: dict[str, Any],
+                   fence: Fence | None) -> None:
+        attempt = fence.attempt if fence else (row["fence_attempt"] or 0)
+        self.phases.setdefault(experiment_id, {})[phase] = {"attempt": attempt, "state": state,
+                                                            "finished_at": self.now()}
+
+    def phase_finished(self, experiment_id: str, phase: str, state: dict[str, Any], *, fence: Fence | None = None,
+                       runs: Sequence[RunRecord] = (), events: Sequence[SandboxEvent] = (),
+                       baseline_commit: str | None = None, change_commit: str | None = None) -> None:
+        _check_phase(phase)
+        for event in events:
+            _check_event(event.event)
+        with self._mutex:
+            row = self._fenced(experiment_id, fence)
+            if row is None:
+                return
+            row["baseline_commit"] = baseline_commit or row["baseline_commit"]
+            row["change_commit"] = change_commit or row["change_commit"]
+            self._add_phase(experiment_id, row, phase, state, fence)
+            for run in runs:
+                self._add_run(experiment_id, row, run)
+            for event in events:
+                self._add_event(experiment_id, event)
 
     def commits_recorded(self, experiment_id: str, *, baseline_commit: str | None = None,
                          change_commit: str | None = None) -> None:
@@ -292,29 +525,34 @@ class MemoryExperimentRecords:
     def run_recorded(self, experiment_id: str, run: RunRecord) -> None:
         with self._mutex:
             row = self.experiments.get(experiment_id)
+            if row is not None:
+                self._add_run(experiment_id, row, run)
+
+    def experiment_finished(self, experiment_id: str, result: dict[str, Any], *, fence: Fence | None = None,
+                            events: Sequence[SandboxEvent] = ()) -> None:
+        for event in events:
+            _check_event(event.event)
+        with self._mutex:
+            row = self._fenced(experiment_id, fence)
             if row is None:
                 return
-            record = {"attempt": row["attempts"], **asdict(run), "output_tail": run.output_tail[-OUTPUT_TAIL_CHARS:],
-                      "test_count": run.test_count,
-                      "success_rate": run.success_rate, "recorded_at": self.now()}
-            record["commit_sha"] = record.pop("commit")
-            self.runs.append({"experiment_id": experiment_id, **record})
-
-    def experiment_finished(self, experiment_id: str, result: dict[str, Any]) -> None:
-        with self._mutex:
-            row = self.experiments.get(experiment_id)
-            if row is not None:
-                params = _finish_params(experiment_id, result)
-                params["baseline_commit"] = params["baseline_commit"] or row["baseline_commit"]
-                row.update(params, error=None, finished_at=self.now())
+            self._add_phase(experiment_id, row, "decide", result, fence)
+            for event in events:
+                self._add_event(experiment_id, event)
+            params = _finish_params(experiment_id, result)
+            params["baseline_commit"] = params["baseline_commit"] or row["baseline_commit"]
+            row.update(params, error=None, result=result, finished_at=self.now())
 
     def experiment_failed(self, experiment_id: str, error: dict[str, Any], *, rolled_back: bool,
-                          duration_ms: float) -> None:
+                          duration_ms: float, fence: Fence | None = None, runs: Sequence[RunRecord] = ()) -> None:
         with self._mutex:
-            row = self.experiments.get(experiment_id)
-            if row is not None:
-                row.update(status="failed", error=error, rolled_back=rolled_back, recommendation="reject",
-                           duration_ms=duration_ms, finished_at=self.now())
+            row = self._fenced(experiment_id, fence)
+            if row is None:
+                return
+            for run in runs:
+                self._add_run(experiment_id, row, run)
+            row.update(status="failed", error=error, rolled_back=rolled_back, recommendation="reject",
+                       duration_ms=duration_ms, finished_at=self.now())
 
     def sandbox_event(self, experiment_id: str, sandbox_path: str, event: str, *, size_bytes: int | None = None,
                       age_s: float | None = None, detail: str | None = None) -> None:
@@ -326,7 +564,8 @@ class MemoryExperimentRecords:
 
     def list_experiments(self, *, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         with self._mutex:
-            rows = [dict(r) for r in self.experiments.values() if status is None or r["status"] == status]
+            rows = [{k: v for k, v in r.items() if k not in SHOWN_ONLY} for r in self.experiments.values()
+                    if status is None or r["status"] == status]
         rows.sort(key=lambda r: r["experiment_id"])
         rows.sort(key=lambda r: r["started_at"], reverse=True)
         return [with_metrics(row) for row in rows[:limit]]
@@ -338,7 +577,9 @@ class MemoryExperimentRecords:
                 return None
             runs = [{k: v for k, v in r.items() if k != "experiment_id"} for r in self.runs
                     if r["experiment_id"] == experiment_id]
-        return {**with_metrics(dict(row)), "runs": _without_output(runs, output),
+            phases = {name: {"attempt": p["attempt"], "finished_at": p["finished_at"]}
+                      for name, p in self.phases.get(experiment_id, {}).items()}
+        return {**with_metrics(dict(row)), "phases": _in_phase_order(phases), "runs": _without_output(runs, output),
                 "sandbox_events": self.sandbox_events(experiment_id=experiment_id)}
 
     def experiment_owners(self, experiment_ids: list[str]) -> dict[str, dict[str, Any]]:

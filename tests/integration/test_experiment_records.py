@@ -18,11 +18,14 @@ from genesis_pgflow.settings import Settings
 from genesis_pgflow.store import experiments as experiments_store
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.experiments import (
+    AttemptSuperseded,
     ExperimentRecords,
     ExperimentStart,
+    Fence,
     MemoryExperimentRecords,
     PgExperimentRecords,
     RunRecord,
+    SandboxEvent,
 )
 from genesis_pgflow.store.queries import load
 
@@ -36,7 +39,7 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
         locks: dict[str, Any] = {}
         first = MemoryExperimentRecords(locks=locks)
         second = MemoryExperimentRecords(locks=locks, experiments=first.experiments, runs=first.runs,
-                                         events=first.events)
+                                         events=first.events, phases=first.phases, holders=first.holders)
         yield first, second
         return
     dsn = request.getfixturevalue("db_dsn")
@@ -346,3 +349,77 @@ def test_two_consumers_given_one_experiment_id(db_dsn: str, genesis_home: Path, 
         shown = PgExperimentRecords(one).show_experiment("exp-1")
     assert [r["status"] for r in outcome] == ["success"]
     assert shown is not None and (shown["status"], shown["attempts"]) == ("success", 1)
+
+
+# --- resumable phases, fenced by the delivery's attempt ------------------------------------------
+
+
+QUEUE = "genesis_experiment_requests"
+
+
+def test_a_later_delivery_resumes_and_a_stale_attempt_cannot_write(pair: Pair) -> None:
+    """Consumer A (attempt 1 of message 7) finishes copy and baseline, then loses its lease; B gets
+    attempt 2 and resumes after the baseline. A's next phase, its result and its failure are
+    refused and leave nothing; so is A claiming the experiment again."""
+    a, b = pair
+    first, second = Fence(QUEUE, 7, 1), Fence(QUEUE, 7, 2)
+    claim = a.experiment_started(start(), first)
+    assert claim and claim.phases == {}
+    a.phase_finished("exp-1", "copy", {"baseline_commit": "b" * 40, "runs": 0}, fence=first,
+                     baseline_commit="b" * 40, events=[SandboxEvent("/s/exp-1", "created", size_bytes=10)])
+    a.phase_finished("exp-1", "baseline", {"run": {"outcomes": {"t::a": "passed"}}, "runs": 1}, fence=first,
+                     runs=[RunRecord(**{**run("baseline").__dict__, "step": "baseline"})])
+
+    resumed = b.experiment_started(start(), second)
+    assert resumed and list(resumed.phases) == ["copy", "baseline"]
+    assert resumed.phases["baseline"] == {"run": {"outcomes": {"t::a": "passed"}}, "runs": 1}
+    assert resumed.attempts == 2
+
+    before = b.show_experiment("exp-1", output=True)
+    with pytest.raises(AttemptSuperseded) as refused:
+        a.phase_finished("exp-1", "change", {"change_commit": "c" * 40}, fence=first, change_commit="c" * 40,
+                         runs=[run("change")])
+    assert refused.value.code == "attempt_superseded" and refused.value.details["held_by_attempt"] == 2
+    with pytest.raises(AttemptSuperseded):
+        a.experiment_finished("exp-1", RESULT, fence=first)
+    with pytest.raises(AttemptSuperseded):
+        a.experiment_failed("exp-1", {"code": "timeout", "message": "late", "details": {}}, rolled_back=True,
+                            duration_ms=1.0, fence=first, runs=[run("change")])
+    with pytest.raises(AttemptSuperseded):
+        a.experiment_started(start(), first)
+    assert b.show_experiment("exp-1", output=True) == before
+
+    b.phase_finished("exp-1", "change", {"change_commit": "c" * 40}, fence=second, change_commit="c" * 40,
+                     runs=[run("change")])
+    b.phase_finished("exp-1", "measure", {"reruns": 0}, fence=second)
+    b.experiment_finished("exp-1", {**RESULT, "classes": {"pass->fail": 2}}, fence=second,
+                          events=[SandboxEvent("/s/exp-1", "rolled_back", detail="regressed")])
+    shown = b.show_experiment("exp-1")
+    assert shown is not None
+    assert {name: p["attempt"] for name, p in shown["phases"].items()} == {
+        "copy": 1, "baseline": 1, "change": 2, "measure": 2, "decide": 2}
+    assert shown["result"]["classes"] == {"pass->fail": 2} and shown["status"] == "regressed"
+    assert shown["change_commit"] == "c" * 40 and shown["baseline_commit"] == "b" * 40
+    assert [(r["phase"], r["step"], r["attempt"]) for r in shown["runs"]] == [
+        ("baseline", "baseline", 1), ("change", None, 2)]
+    assert [e["event"] for e in shown["sandbox_events"]] == ["created", "rolled_back"]
+
+    # delivered once more (its consumer died before the result went out): decided, nothing cleared
+    again = a.experiment_started(start(), Fence(QUEUE, 7, 3))
+    assert again and again.phases["decide"]["classes"] == {"pass->fail": 2}
+    kept = a.show_experiment("exp-1")
+    assert kept is not None and (kept["status"], kept["recommendation"]) == ("regressed", "reject")
+
+    # a new request for the id (another message) starts from its copy again
+    fresh = b.experiment_started(start(description="again"), Fence(QUEUE, 8, 1))
+    assert fresh and fresh.phases == {}
+    restarted = b.show_experiment("exp-1")
+    assert restarted is not None and restarted["phases"] == {} and restarted["result"] is None
+    with pytest.raises(AttemptSuperseded):   # message 7's consumer, at any attempt, is out
+        a.phase_finished("exp-1", "copy", {}, fence=Fence(QUEUE, 7, 3))
+
+
+def test_phases_are_checked(records: ExperimentRecords) -> None:
+    records.experiment_started(start(), Fence(QUEUE, 1, 1))
+    with pytest.raises(ValueError):
+        records.phase_finished("exp-1", "celebrate", {}, fence=Fence(QUEUE, 1, 1))

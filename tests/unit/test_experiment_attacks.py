@@ -4,6 +4,7 @@ and the disk a copy and its test runs may take."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -203,10 +204,12 @@ def test_a_resend_by_the_same_instance_is_a_new_attempt(genesis_home: Path, allo
     gated.gate.set()
     runner = ExperimentRunner(settings(genesis_home, allowed), records, gated)  # type: ignore[arg-type]
     runner(request(repo, **GATED), context())
-    again = runner(request(repo, description="again", **GATED), context())
+    resend = dataclasses.replace(context(), msg_id=2)   # a re-send is another message (not a redelivery)
+    again = runner(request(repo, description="again", **GATED), resend)
     shown = records.show_experiment("exp-1")
     assert again["status"] == "success" and shown is not None
     assert (shown["attempts"], shown["description"]) == (2, "again")
+    assert [r["attempt"] for r in shown["runs"]] == [1, 1, 2, 2]   # both ran every phase
 
 
 def test_two_consumers_given_one_id_never_share_its_copy(genesis_home: Path, allowed: Path, repo: Path) -> None:

@@ -9,7 +9,13 @@ One experiment, start to end:
    consumer may be running it (an advisory lock held for the whole experiment; experiment_busy,
    retried later, when it is); the producer's oldest kept copies go first when it is over its caps.
    A re-send of an id by the instance that owns it is a new attempt: its copy is made afresh and
-   its record counts one more attempt;
+   its record counts one more attempt. The next delivery of the same request (the same message,
+   read again after its consumer was killed or its lease ran out) resumes instead: the phases
+   below are recorded as they finish, with what the next one needs (phases.py), and it starts at
+   the first unfinished one, in the copy the earlier attempt left (started afresh if that copy is
+   gone). Every phase write is fenced by the delivery's attempt (read_ct): one from an attempt
+   that no longer holds the experiment is refused (AttemptSuperseded) and that consumer stops
+   without touching the copy;
 1. copy: fetch `repo` at `base_ref` into <home>/sandboxes/<experiment_id>/ (workspace.py), at
    most GENESIS_EXPERIMENT_MAX_COPY_MB;
 2. baseline: run the test suite there (the request's test_command, else the repository's runner
@@ -27,11 +33,11 @@ One experiment, start to end:
 5. decide: regression above the threshold rolls the copy back to the baseline commit; recommend
    merge, merge_with_review or reject (see policy.decide).
 
-Every step is recorded through ExperimentRecords. A timeout (the request's timeout_ms, else
-settings.experiment_timeout_ms, never past the consumer's deadline) rolls back and fails the
-experiment with WorkflowTimeout. At most settings.max_experiments_concurrent experiments run at
-once in one process, whatever the consumer's parallelism, and as many across every consumer of
-the database (slots.py).
+Every phase is recorded through ExperimentRecords, with the runs it made, in one transaction. A
+timeout (the request's timeout_ms, else settings.experiment_timeout_ms, never past the consumer's
+deadline) rolls back and fails the experiment with WorkflowTimeout. At most
+settings.max_experiments_concurrent experiments run at once in one process, whatever the
+consumer's parallelism, and as many across every consumer of the database (slots.py).
 """
 
 from __future__ import annotations
@@ -57,15 +63,8 @@ from genesis_pgflow.handlers.experiments.errors import (
     UnexpectedFailure,
 )
 from genesis_pgflow.handlers.experiments.performance import performance
-from genesis_pgflow.handlers.experiments.policy import (
-    LISTED_TESTS,
-    Classified,
-    Decision,
-    Metrics,
-    classify,
-    decide,
-    measure,
-)
+from genesis_pgflow.handlers.experiments.phases import PHASES, Measured, finished_prefix, run_from, run_state
+from genesis_pgflow.handlers.experiments.policy import Decision, classify, decide, measure
 from genesis_pgflow.handlers.experiments.selection import (
     DEFAULT_SELECTION,
     Selected,
@@ -78,7 +77,14 @@ from genesis_pgflow.handlers.experiments.slots import ExperimentSlots
 from genesis_pgflow.messages import ExperimentRequest
 from genesis_pgflow.sandbox import Limits, Sandbox
 from genesis_pgflow.settings import Settings
-from genesis_pgflow.store.experiments import ExperimentRecords, ExperimentStart
+from genesis_pgflow.store.experiments import (
+    AttemptSuperseded,
+    ExperimentRecords,
+    ExperimentStart,
+    Fence,
+    RunRecord,
+    SandboxEvent,
+)
 from genesis_pgflow.suite import TestRun, run_tests, test_config_changes
 from genesis_pgflow.workspace import RepoAllow, Source, Workspace, tree_size
 
@@ -101,6 +107,17 @@ def default_python_path() -> tuple[Path, ...]:
     return (Path(spec.origin).resolve().parents[1],)
 
 
+def _selected_state(selected: Selected | None) -> dict[str, Any] | None:
+    return None if selected is None else dataclasses.asdict(selected)
+
+
+def _selected_from(state: dict[str, Any] | None) -> Selected | None:
+    """The baseline's Selected, as _selected_state kept it (for the phases after a resume)."""
+    if state is None:
+        return None
+    return Selected(tuple(state["command"]), tuple(state["args"]), state["by"], _selected_from(state.get("instead_of")))
+
+
 @dataclass
 class _Attempt:
     """What one run of the handler has done so far (for the next phase, rollback and the records)."""
@@ -110,6 +127,8 @@ class _Attempt:
     workspace: Workspace
     started: float
     deadline: float
+    fence: Fence | None = None
+    elapsed_before_ms: float = 0.0  # the experiment's time in the attempts this one resumes
     baseline_commit: str | None = None
     change_commit: str | None = None
     changed: bool = False
@@ -119,6 +138,8 @@ class _Attempt:
     baseline: TestRun | None = None
     change: TestRun | None = None
     runs: int = 0  # suite runs so far: each gets its number as GENESIS_RUN_SEED
+    measured: Measured | None = None
+    pending: list[RunRecord] = field(default_factory=list)  # runs of the phase under way, recorded with it
 
     @property
     def ids(self) -> dict[str, str]:
@@ -128,23 +149,8 @@ class _Attempt:
         return {**self.ids, "rolled_back": self.rolled_back, "baseline_commit": self.baseline_commit,
                 "sandbox_path": str(self.workspace.path)}
 
-
-@dataclass(frozen=True)
-class _Measured:
-    metrics: Metrics
-    flags: list[str]
-    config_changes: list[str]
-    classified: Classified
-    reruns: int
-    performance: dict[str, Any]
-
-    def as_json(self) -> dict[str, Any]:
-        """The measure phase's part of the result."""
-        classified = self.classified
-        return {"classes": classified.counts(), "regressions": classified.regressions[:LISTED_TESTS],
-                "fixed": classified.tests("fail->pass")[:LISTED_TESTS],
-                "flaky": list(classified.flaky[:LISTED_TESTS]), "reruns": self.reruns,
-                "performance": self.performance}
+    def elapsed_ms(self, now: float) -> float:
+        return self.elapsed_before_ms + (now - self.started) * 1000.0
 
 
 class ExperimentRunner:
@@ -208,7 +214,7 @@ class ExperimentRunner:
         deadline = started + min(self.timeout_s(payload), left - min(2.0, 0.05 * left))
         with self.slots.hold(payload, ctx.cancelled, deadline):
             attempt = _Attempt(payload, ctx, Workspace(self.settings.sandboxes_dir, payload.experiment_id),
-                               started, deadline)
+                               started, deadline, Fence(ctx.queue, ctx.msg_id, ctx.attempt))
             return self._run(attempt, source)
 
     def _admit(self, request: ExperimentRequest) -> Source:
@@ -225,16 +231,21 @@ class ExperimentRunner:
 
     def _run(self, attempt: _Attempt, source: Source) -> dict[str, Any]:
         request = attempt.request
-        owned = self.records.experiment_started(ExperimentStart(
+        claim = self.records.experiment_started(ExperimentStart(
             experiment_id=request.experiment_id, instance_id=request.instance_id,
             experiment_type=request.experiment_type, description=request.description,
             risk_level=request.risk_level, repo=request.repo, base_ref=request.base_ref,
-            sandbox_path=str(attempt.workspace.path)))
-        if not owned:   # before anything is touched: the copy and the record are the other instance's
+            sandbox_path=str(attempt.workspace.path)), attempt.fence)
+        if not claim:   # before anything is touched: the copy and the record are the other instance's
             raise ExperimentIdTaken(f"experiment_id {request.experiment_id!r} belongs to another instance_id; "
                                     "choose another id", details={**attempt.ids, "rolled_back": False})
         try:
-            return self._phases(attempt, source)
+            return self._phases(attempt, source, claim.phases)
+        except AttemptSuperseded:
+            # a later attempt holds the experiment, and its copy: leave both alone
+            log.warning("experiment %s: attempt %d lost it to a later attempt; stopped", request.experiment_id,
+                        attempt.ctx.attempt)
+            raise
         except ExperimentTimedOut as exc:
             self._give_up(attempt, rollback=True)
             error = WorkflowTimeout(f"experiment {request.experiment_id} ran past its timeout: {exc}",
@@ -257,14 +268,69 @@ class ExperimentRunner:
                 log.exception("experiment %s: could not record its failure", request.experiment_id)
             raise
 
-    def _phases(self, attempt: _Attempt, source: Source) -> dict[str, Any]:
+    def _phases(self, attempt: _Attempt, source: Source, recorded: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """copy, baseline, change, measure, decide: each phase takes what the ones before left in
-        `attempt`."""
-        self._copy(attempt, source)
-        self._baseline(attempt)
-        self._change(attempt)
-        measured = self._measure(attempt)
-        return self._decide(attempt, measured)
+        `attempt`; those an earlier attempt finished (`recorded`) are not run again."""
+        done = self._resume(attempt, recorded)
+        if "decide" in done:
+            log.info("experiment %s: decided by an earlier attempt; its result is sent again",
+                     attempt.request.experiment_id)
+            return dict(recorded["decide"])
+        if "copy" not in done:
+            self._copy(attempt, source)
+        if "baseline" not in done:
+            self._baseline(attempt)
+        if "change" not in done:
+            self._change(attempt)
+        if "measure" not in done:
+            self._measure(attempt)
+        return self._decide(attempt)
+
+    def _resume(self, attempt: _Attempt, recorded: dict[str, dict[str, Any]]) -> list[str]:
+        """Take up what earlier attempts of this request recorded (phases.py) and put the copy
+        where the first unfinished phase starts; the phases to skip. Nothing is skipped when the
+        copy they left is gone or lacks their commits: the experiment starts again from its copy."""
+        done = finished_prefix(recorded)
+        if not done or "decide" in done:
+            return done
+        state = {name: recorded[name] for name in done}
+        last = state[done[-1]]
+        commits = [c for c in (state["copy"].get("baseline_commit"), state.get("change", {}).get("change_commit"))
+                   if c]
+        workspace = attempt.workspace
+        if not (workspace.path.is_dir() and workspace.git_dir.is_dir()) or not all(
+                workspace.git("cat-file", "-e", f"{c}^{{commit}}", check=False).returncode == 0 for c in commits):
+            log.warning("experiment %s: the copy earlier attempts left is gone or incomplete; starting again",
+                        attempt.request.experiment_id)
+            return []
+        attempt.baseline_commit = state["copy"]["baseline_commit"]
+        if "baseline" in state:
+            attempt.selection = list(state["baseline"]["selection"])
+            attempt.selected = _selected_from(state["baseline"].get("selected"))
+            attempt.baseline = run_from(state["baseline"]["run"])
+        if "change" in state:
+            attempt.change_commit = state["change"]["change_commit"]
+            attempt.change = run_from(state["change"]["run"])
+            attempt.changed = True
+        if "measure" in state:
+            attempt.measured = Measured.from_state(state["measure"])
+        attempt.runs = int(last.get("runs", 0))
+        attempt.elapsed_before_ms = float(last.get("elapsed_ms", 0.0))
+        workspace.restore(attempt.change_commit or attempt.baseline_commit or "HEAD")
+        log.info("experiment %s: attempt %d resumes after the %s phase (%d suite run(s) so far)",
+                 attempt.request.experiment_id, attempt.ctx.attempt, done[-1], attempt.runs)
+        return done
+
+    def _phase_done(self, attempt: _Attempt, phase: str, state: dict[str, Any], *,
+                    events: list[SandboxEvent] | None = None, **commits: str | None) -> None:
+        """Record a finished phase with its runs (fenced: AttemptSuperseded if this attempt no
+        longer holds the experiment)."""
+        assert phase in PHASES
+        self.records.phase_finished(
+            attempt.request.experiment_id, phase,
+            {**state, "runs": attempt.runs, "elapsed_ms": round(attempt.elapsed_ms(self.monotonic()), 3)},
+            fence=attempt.fence, runs=attempt.pending, events=events or [], **commits)
+        attempt.pending = []
 
     # -- the phases ----------------------------------------------------------------------------
 
@@ -283,14 +349,20 @@ class ExperimentRunner:
         except GenesisError:
             self._check_time(attempt)  # a clone cut short by the deadline is a timeout
             raise
-        self.records.commits_recorded(request.experiment_id, baseline_commit=attempt.baseline_commit)
-        self.records.sandbox_event(request.experiment_id, str(workspace.path), "created",
-                                   size_bytes=workspace.size_bytes(), detail=f"{request.repo}@{request.base_ref}")
-        # refuse a change that cannot apply before spending the baseline run on it
-        if request.changes.patch is not None:
-            workspace.check_patch(request.changes.patch)
-        else:
-            workspace.check_files(f.path for f in request.changes.files or [])
+        created = SandboxEvent(str(workspace.path), "created", size_bytes=workspace.size_bytes(),
+                               detail=f"{request.repo}@{request.base_ref}")
+        try:
+            # refuse a change that cannot apply before spending the baseline run on it
+            if request.changes.patch is not None:
+                workspace.check_patch(request.changes.patch)
+            else:
+                workspace.check_files(f.path for f in request.changes.files or [])
+        except GenesisError:
+            self.records.sandbox_event(request.experiment_id, created.sandbox_path, created.event,
+                                       size_bytes=created.size_bytes, detail=created.detail)
+            raise
+        self._phase_done(attempt, "copy", {"baseline_commit": attempt.baseline_commit}, events=[created],
+                         baseline_commit=attempt.baseline_commit)
 
     def _baseline(self, attempt: _Attempt) -> None:
         """Run the baseline with the risk level's selection; if that selects nothing, the whole suite
@@ -309,7 +381,7 @@ class ExperimentRunner:
             attempt.selected, attempt.selection = attempt.selected.whole_suite(), []
             attempt.workspace.restore(attempt.baseline_commit or "HEAD")
             run = self._test_run(attempt)
-        self.records.run_recorded(request.experiment_id, run.record("baseline", attempt.baseline_commit))
+        attempt.pending.append(self._record(run, "baseline", "baseline", attempt.baseline_commit))
         if not run.measured:
             output = (run.result.stderr or run.result.stdout).strip()[-1500:]
             raise ExperimentUnmeasurable(
@@ -318,6 +390,8 @@ class ExperimentRunner:
                 details={"command": run.command, "returncode": run.result.returncode, "output": output})
         attempt.workspace.restore(attempt.baseline_commit or "HEAD")
         attempt.baseline = run
+        self._phase_done(attempt, "baseline", {"selection": attempt.selection, "run": run_state(run),
+                                               "selected": _selected_state(attempt.selected)})
 
     def _change(self, attempt: _Attempt) -> None:
         request, workspace = attempt.request, attempt.workspace
@@ -329,25 +403,32 @@ class ExperimentRunner:
             workspace.apply_files((f.path, f.content) for f in request.changes.files or [])
         attempt.change_commit = workspace.commit(f"experiment {request.experiment_id}: {request.experiment_type}\n\n"
                                                  f"{request.description}".strip())
-        self.records.commits_recorded(request.experiment_id, change_commit=attempt.change_commit)
         run = self._test_run(attempt)
-        self.records.run_recorded(request.experiment_id, run.record("change", attempt.change_commit))
+        attempt.pending.append(self._record(run, "change", "change", attempt.change_commit))
         workspace.restore(attempt.change_commit)
         attempt.change = run
+        self._phase_done(attempt, "change", {"change_commit": attempt.change_commit, "run": run_state(run)},
+                         change_commit=attempt.change_commit)
 
-    def _measure(self, attempt: _Attempt) -> _Measured:
+    @staticmethod
+    def _record(run: TestRun, phase: str, step: str, commit: str | None) -> RunRecord:
+        return dataclasses.replace(run.record(phase, commit), step=step)
+
+    def _measure(self, attempt: _Attempt) -> None:
         assert attempt.baseline is not None and attempt.change is not None
         assert attempt.baseline_commit is not None and attempt.change_commit is not None
         baseline, change = attempt.baseline, attempt.change
         baseline_runs, change_runs = self._reruns(attempt)
         classified = classify([baseline.outcomes, *baseline_runs], [change.outcomes, *change_runs])
-        metrics = measure(baseline, change, (self.monotonic() - attempt.started) * 1000.0, classified)
+        metrics = measure(baseline, change, attempt.elapsed_ms(self.monotonic()), classified)
         config_changes = test_config_changes(attempt.workspace.git(
             "diff", "--name-only", "--no-renames", "-z", attempt.baseline_commit, attempt.change_commit
         ).stdout.split("\0"))
         flags = ((["test_config_changed"] if config_changes else []) + sorted({*baseline.flags, *change.flags})
                  + (["flaky_tests"] if classified.flaky else []))
-        return _Measured(metrics, flags, config_changes, classified, len(change_runs), performance(baseline, change))
+        attempt.measured = Measured(metrics, flags, config_changes, classified, len(change_runs),
+                                    performance(baseline, change))
+        self._phase_done(attempt, "measure", attempt.measured.state())
 
     def _reruns(self, attempt: _Attempt) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The tests that failed after the change, run settings.experiment_reruns more times after
@@ -363,7 +444,7 @@ class ExperimentRunner:
             attempt.workspace.restore(commit)
             for _ in range(self.settings.experiment_reruns):
                 run = self._test_run(attempt, selection)
-                self.records.run_recorded(attempt.request.experiment_id, run.record(phase, commit))
+                attempt.pending.append(self._record(run, phase, "measure", commit))
                 if run.measured:
                     done[phase].append(dict(run.outcomes))
         attempt.workspace.restore(attempt.change_commit)
@@ -381,9 +462,11 @@ class ExperimentRunner:
             return list(failing)
         return attempt.selection
 
-    def _decide(self, attempt: _Attempt, measured: _Measured) -> dict[str, Any]:
-        request, workspace, change = attempt.request, attempt.workspace, attempt.change
+    def _decide(self, attempt: _Attempt) -> dict[str, Any]:
+        request, workspace, change, measured = attempt.request, attempt.workspace, attempt.change, attempt.measured
         assert change is not None and attempt.baseline_commit is not None and attempt.change_commit is not None
+        assert measured is not None
+        events: list[SandboxEvent] = []
         decision: Decision = decide(measured.metrics, risk_level=request.risk_level,
                                     threshold=self.settings.regression_threshold, measured=change.measured,
                                     flags=measured.flags, problems=change.problems)
@@ -391,11 +474,11 @@ class ExperimentRunner:
             workspace.git("update-ref", f"refs/genesis/rolled-back/{workspace.branch}", attempt.change_commit)
             workspace.rollback(attempt.baseline_commit)
             attempt.rolled_back = True
-            self.records.sandbox_event(request.experiment_id, str(workspace.path), "rolled_back",
-                                       size_bytes=workspace.size_bytes(), detail=decision.reason)
+            events.append(SandboxEvent(str(workspace.path), "rolled_back", size_bytes=workspace.size_bytes(),
+                                       detail=decision.reason))
         if decision.status != "success":
-            self.records.sandbox_event(request.experiment_id, str(workspace.path), "preserved",
-                                       size_bytes=workspace.size_bytes(), detail=decision.reason)
+            events.append(SandboxEvent(str(workspace.path), "preserved", size_bytes=workspace.size_bytes(),
+                                       detail=decision.reason))
         result = {
             **attempt.ids,
             "status": decision.status,
@@ -410,7 +493,8 @@ class ExperimentRunner:
             "flags": measured.flags,
             "test_config_changes": measured.config_changes,
         }
-        self.records.experiment_finished(request.experiment_id, result)
+        # the decide phase: recorded with the result, its events, fenced like every phase
+        self.records.experiment_finished(request.experiment_id, result, fence=attempt.fence, events=events)
         log.info("experiment %s: %s, %s (%s)", request.experiment_id, decision.status, decision.recommendation,
                  decision.reason)
         return result
@@ -436,7 +520,9 @@ class ExperimentRunner:
     def _record_failure(self, attempt: _Attempt, error: GenesisError) -> None:
         self.records.experiment_failed(
             attempt.request.experiment_id, {"code": error.code, "message": error.message, "details": error.details},
-            rolled_back=attempt.rolled_back, duration_ms=(self.monotonic() - attempt.started) * 1000.0)
+            rolled_back=attempt.rolled_back, duration_ms=attempt.elapsed_ms(self.monotonic()), fence=attempt.fence,
+            runs=attempt.pending)
+        attempt.pending = []
 
     # -- running the tests ---------------------------------------------------------------------
 
