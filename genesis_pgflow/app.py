@@ -17,7 +17,7 @@ from genesis_pgflow.handlers.llm_config import LlmConfigManager
 from genesis_pgflow.handlers.rules import RuleEngine
 from genesis_pgflow.sandbox import Sandbox
 from genesis_pgflow.settings import Settings
-from genesis_pgflow.store import admin, retention, schema, tallies
+from genesis_pgflow.store import admin, reports, retention, schema, tallies
 from genesis_pgflow.store.control import PgControlStore
 from genesis_pgflow.store.database import Database, check_reachable
 from genesis_pgflow.store.embedded import embedded_dsn
@@ -108,6 +108,8 @@ class App:
                                   lambda: presence.beat(len(consumer.running) + len(consumer.overrun))))
         consumer.periodic.append(retention.scheduled_job(self.db, s))
         consumer.periodic.append(tallies.scheduled_job(self.db))
+        # the daily experiment report to genesis_reports: one consumer sends it, once a day
+        consumer.periodic.append(reports.scheduled_job(self.db, self.queues.consumer))
         return consumer
 
     def presence(self) -> admin.ConsumerPresence:

@@ -28,6 +28,7 @@ from genesis_pgflow.messages import REQUEST_QUEUES, check_request, clip, queue_r
 from genesis_pgflow.messages import safe_error as _safe_error
 from genesis_pgflow.messages import scrub as _scrub
 from genesis_pgflow.settings import Settings
+from genesis_pgflow.store import reports
 from genesis_pgflow.store.admin import PgAdminStore, package_version, shown_dsn
 from genesis_pgflow.store.retention import PgRetention, RetentionPolicy
 
@@ -342,6 +343,11 @@ def admin_parser() -> argparse.ArgumentParser:
     exps_show.add_argument("experiment_id")
     exps_show.add_argument("--output", action="store_true",
                            help="also print each run's output tail (sensitive: whatever the tested code printed)")
+    exps_show.add_argument("--json", action="store_true", help="the whole record as JSON")
+    exps_trends = _command(exps, "trends", _experiments_trends,
+                           "per day, experiment type and instance: count, success rate, regression, recommendations")
+    exps_trends.add_argument("--days", type=int, default=7, help="the last N UTC days, today included (default 7)")
+    exps_trends.add_argument("--json", action="store_true")
 
     sandbox = _group(sub, "sandbox", "experiment sandboxes")
     cleanup = _command(sandbox, "cleanup", _sandbox_cleanup, "remove sandboxes older than the maximum age")
@@ -735,7 +741,75 @@ def _experiments_show(app: App, args: argparse.Namespace) -> int:
     found = app.experiments.show_experiment(args.experiment_id, output=args.output)
     if found is None:
         raise ConfigurationError(f"no experiment {args.experiment_id!r}")
-    print(json.dumps(redact(found), indent=2, default=str))
+    _emit(redact(found), args.json, _experiment_text)
+    return EXIT_OK
+
+
+def _experiment_text(found: dict[str, Any]) -> str:
+    """One experiment for a person: outcome, per-test classes, flaky tests, performance deltas,
+    phases, runs and sandbox history (the result's parts once it is decided)."""
+    result = found.get("result") or {}
+    metrics_ = found.get("metrics") or {}
+    outcome = ", ".join(str(v) for v in (found["status"], found.get("recommendation"),
+                                         "rolled back" if found.get("rolled_back") else None) if v)
+    lines = [f"experiment {found['experiment_id']} ({found['experiment_type']}, instance {found['instance_id']}, "
+             f"risk {found['risk_level']}): {outcome}",
+             f"repo {found['repo']} @ {found['base_ref']}; baseline {(found.get('baseline_commit') or '-')[:12]}, "
+             f"change {(found.get('change_commit') or '-')[:12]}; attempts {found.get('attempts')}",
+             "metrics: " + ", ".join(f"{k} {v}" for k, v in metrics_.items() if v is not None)
+             + (f"; counted by {result['counted_by']}" if result.get("counted_by") else "")]
+    if found.get("error"):
+        lines.append(f"error: {found['error'].get('code')}: {found['error'].get('message')}")
+    phases = found.get("phases") or {}
+    if phases:
+        lines.append("phases: " + ", ".join(f"{name} (attempt {p['attempt']})" for name, p in phases.items()))
+    if "classes" in result:
+        order = ["pass->pass", "pass->fail", "fail->pass", "fail->fail"]   # the record's JSON keeps no order
+        classes = sorted(result["classes"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9)
+        lines += ["", table([{"class": k, "tests": v} for k, v in classes],
+                            [("class", _field("class")), ("tests", _field("tests"))])]
+        for title, key in (("regressions", "regressions"), ("fixed", "fixed"), ("flaky tests", "flaky")):
+            tests = result.get(key) or []
+            lines.append(f"{title}: " + (", ".join(tests) if tests else "(none)"))
+    lines += _performance_lines(result.get("performance"))
+    runs = found.get("runs") or []
+    lines += ["", table(runs, [("attempt", _field("attempt")), ("step", _field("step")), ("phase", _field("phase")),
+                               ("commit", lambda r: (r.get("commit_sha") or "-")[:12]), ("passed", _field("passed")),
+                               ("failed", _field("failed")), ("errors", _field("errors")),
+                               ("skipped", _field("skipped")), ("duration_ms", _field("duration_ms"))],
+                        empty="(no test runs)")]
+    for run in runs:
+        if "output_tail" in run:
+            lines += ["", f"output of the {run['phase']} run (attempt {run['attempt']}):", run["output_tail"] or ""]
+    events = found.get("sandbox_events") or []
+    lines.append("sandbox: " + (", ".join(e["event"] for e in events) if events else "(no events)"))
+    return "\n".join(lines)
+
+
+def _performance_lines(perf: dict[str, Any] | None) -> list[str]:
+    """The performance section as a table of baseline, change and relative change."""
+    if not perf:
+        return []
+    before, after, change = perf.get("baseline") or {}, perf.get("change") or {}, perf.get("relative_change") or {}
+    rows = [{"measure": k, "baseline": before.get(k), "change": after.get(k), "relative_change": change.get(k)}
+            for k in before]
+    rows += [{"measure": f"metric {name}", **m} for name, m in (perf.get("metrics") or {}).items()]
+    lines = ["", table(rows, [("measure", _field("measure")), ("baseline", _field("baseline")),
+                              ("change", _field("change")), ("relative_change", _field("relative_change"))])]
+    slower = perf.get("slower_tests") or []
+    lines.append("slower tests: " + (", ".join(f"{s['test']} {s['baseline_ms']:g} -> {s['change_ms']:g} ms"
+                                               for s in slower) if slower else "(none)"))
+    return lines
+
+
+def _experiments_trends(app: App, args: argparse.Namespace) -> int:
+    rows = reports.trends(app.db, args.days)
+    _emit(rows, args.json, lambda rows: table(rows, [
+        ("day", _field("day")), ("type", _field("experiment_type")), ("instance", _field("instance_id")),
+        ("experiments", _field("experiments")), ("success_rate", _field("success_rate")),
+        ("mean_regression", _field("mean_regression")), ("merge", _field("merge")),
+        ("review", _field("merge_with_review")), ("reject", _field("reject"))],
+        empty=f"(no experiment finished in the last {args.days} day(s))"))
     return EXIT_OK
 
 

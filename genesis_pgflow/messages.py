@@ -32,12 +32,17 @@ def dead_letter_queue(request_queue: str) -> str:
     return f"{request_queue}_dlq"
 
 
+# where the daily experiment report goes (store/reports.py), for CentralCloud: written by the
+# consumers, read by whoever wants the report; nothing is ever routed from it
+REPORT_QUEUE = "genesis_reports"
+
+
 def all_queue_names() -> list[str]:
-    """Every queue the contract names: request, result and dead-letter queues."""
+    """Every queue the contract names: request, result and dead-letter queues, and the reports queue."""
     names: list[str] = []
     for request, (_type, results) in QUEUES.items():
         names += [request, results, dead_letter_queue(request)]
-    return names
+    return names + [REPORT_QUEUE]
 
 
 # --- reply_to: a request's own result queue -----------------------------------------------
@@ -112,10 +117,12 @@ def reply_to(message: ReadMessage) -> str | None:
 
 
 def queue_role(name: str) -> str | None:
-    """What a queue name is in the contract: `request`, `result`, `dead_letter` or `reply_to`
-    (a name the reply_to rule allows); None for a name the contract does not know."""
+    """What a queue name is in the contract: `request`, `result`, `dead_letter`, `report` or
+    `reply_to` (a name the reply_to rule allows); None for a name the contract does not know."""
     if name in QUEUES:
         return "request"
+    if name == REPORT_QUEUE:
+        return "report"
     if name in {results for _type, results in QUEUES.values()}:
         return "result"
     if name in {dead_letter_queue(q) for q in QUEUES}:

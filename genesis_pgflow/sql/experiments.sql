@@ -186,3 +186,7 @@ ON CONFLICT (report) DO UPDATE SET last_day = EXCLUDED.last_day, sent_at = now()
 INSERT INTO genesis.scheduled_reports (report, last_day, sent_at)
 VALUES (%(report)s, %(day)s, now())
 ON CONFLICT (report) DO NOTHING
+
+-- name: report_today
+-- The database's current UTC date (when a day has ended, for every consumer alike).
+SELECT (now() AT TIME ZONE 'UTC')::date AS today

@@ -19,6 +19,7 @@ QUEUE_NAMES = {
     "genesis_llm_config_updates", "genesis_llm_config_updates_results", "genesis_llm_config_updates_dlq",
     "code_execution_requests", "code_execution_results", "code_execution_requests_dlq",
     "genesis_experiment_requests", "genesis_experiment_results", "genesis_experiment_requests_dlq",
+    "genesis_reports",
 }
 
 
@@ -74,9 +75,9 @@ def _assert_at_head(dsn: str) -> None:
     schema.require_current(dsn)
 
 
-def test_the_contract_names_twelve_queues() -> None:
+def test_the_contract_names_thirteen_queues() -> None:
     assert set(all_queue_names()) == QUEUE_NAMES
-    assert len(all_queue_names()) == 12
+    assert len(all_queue_names()) == 13
 
 
 def test_upgrade_of_an_empty_database_installs_pgmq_queues_and_schema(empty_db_dsn: str) -> None:

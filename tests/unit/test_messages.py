@@ -91,9 +91,10 @@ def test_redact_hides_secret_named_fields_at_any_depth():
                                           "temperature": 0.2}, "password": REDACTED, "client_secret": REDACTED}
 
 
-def test_twelve_queues():
+def test_thirteen_queues():
     names = all_queue_names()
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 13
+    assert names[-1] == "genesis_reports"
     assert "code_execution_results" in names and "code_execution_requests_dlq" in names
 
 
