@@ -2,7 +2,7 @@
 
 Throughput rounds are interleaved and each figure is printed beside its target.
 
-    python -m benchmarks.run [--messages 20000] [--rounds 3] [--long] [--dsn DSN]
+    python -m benchmarks.run [--messages 20000] [--rounds 3] [--status-runs 1000000] [--long] [--dsn DSN]
 
 By default everything runs on a throwaway PostgreSQL 15 of the bench's own (initdb in a temporary
 directory, PostgreSQL's defaults, fsync on), so that WAL and commit counters are the bench's alone;
@@ -24,6 +24,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from benchmarks import latency as lat
+from benchmarks import status as st
 from benchmarks.pipelines import (
     BenchDatabase,
     Figures,
@@ -108,6 +109,8 @@ def main() -> None:
                         help="a server to create the bench database on (default: a throwaway server of its own)")
     parser.add_argument("--messages", type=int, default=20_000, help="N of the batch-100 rounds (default 20000)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--status-runs", type=int, default=1_000_000,
+                        help="runs generated for the status-at-scale row, with 10x as many archived (0: skip)")
     parser.add_argument("--long", action="store_true",
                         help=f"also RSS growth over {RSS_TARGET_MESSAGES:,} messages (the target's figure; minutes)")
     args = parser.parse_args()
@@ -156,16 +159,23 @@ def main() -> None:
                                                  processes=processes)
             print(f"    {processes} process(es): {scaling[processes].rate:.0f} msg/s aggregate", flush=True)
 
+        status: st.StatusFigures | None = None
+        if args.status_runs:
+            print(f"  status: generating {args.status_runs:,} runs and {args.status_runs * 10:,} archived messages",
+                  flush=True)
+            status = st.measure_status(db.dsn, args.status_runs, args.status_runs * 10)
+
         long_run: Figures | None = None
         if args.long:
             print(f"  memory: genesis-consume --parallel 4 --batch-size 100 on {RSS_TARGET_MESSAGES:,} messages",
                   flush=True)
             long_run = measure_genesis(db, RSS_TARGET_MESSAGES, "long", GENESIS_P4_B100, timeout=3600)
 
-    print_tables(report, latencies, scaling, long_run, n, small, pgq, time.monotonic() - began)
+    print_tables(report, latencies, scaling, status, long_run, n, small, pgq, time.monotonic() - began)
 
 
-def print_tables(report: Report, latencies: list[lat.Latency], scaling: dict[int, Figures], long_run: Figures | None,
+def print_tables(report: Report, latencies: list[lat.Latency], scaling: dict[int, Figures],
+                 status: st.StatusFigures | None, long_run: Figures | None,
                  n: int, small: int, pgq: str | None, elapsed: float) -> None:
     rows = [("raw100", "raw pgmq, read 100, 4 threads, 1 tx/batch", n),
             ("raw10", "raw pgmq, batch 10", small),
@@ -198,6 +208,9 @@ def print_tables(report: Report, latencies: list[lat.Latency], scaling: dict[int
     for processes, figures in scaling.items():
         print(f"  {processes} process(es): {figures.rate:7.0f} msg/s aggregate  "
               f"({figures.rate / scaling[1].rate:.2f}x one process)")
+
+    if status:
+        st.print_status(status)
 
     growth = long_run.rss_growth_mb if long_run else report.rounds["genesis_p4_b100"][-1].rss_growth_mb
     growth_n = long_run.messages if long_run else n
@@ -235,6 +248,10 @@ def print_tables(report: Report, latencies: list[lat.Latency], scaling: dict[int
     targets.append(("pickup p99 <= 100 ms beside an idle-in-tx session", "not measured by make bench", None))
     four = scaling[4].rate / scaling[1].rate
     targets.append(("4 processes >= 1 process, aggregate", f"{four:.2f}x", four >= 1))
+    if status:
+        slowest = max(status.status_ms, status.queue_health_ms)
+        targets.append((f"status and queue_health < 50 ms at {status.runs:,} runs, {status.archived:,} archived",
+                        f"{status.status_ms:.0f} / {status.queue_health_ms:.0f} ms", slowest < 50))
     for name, figure, met in targets:
         print(f"  {name:<58} {figure:<42} {verdict(met)}")
     print(f"\n(make bench took {elapsed / 60:.1f} min)")
