@@ -8,7 +8,7 @@ import math
 import random
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from genesis_pgflow.errors import (
@@ -22,7 +22,16 @@ from genesis_pgflow.errors import (
     WorkflowTimeout,
 )
 from genesis_pgflow.handlers.base import Handler, WorkContext, timeout_override
-from genesis_pgflow.messages import Failure, Outcome, Payload, ReadMessage, parse_payload, raw_identifiers, reply_to
+from genesis_pgflow.messages import (
+    Deferred,
+    Failure,
+    Outcome,
+    Payload,
+    ReadMessage,
+    parse_payload,
+    raw_identifiers,
+    reply_to,
+)
 from genesis_pgflow.retry import DeadLetter, decide
 from genesis_pgflow.store.database import first_line, is_transient
 
@@ -140,6 +149,8 @@ class Dispatcher:
             return self._outcome(task.message, "failed", task.started_at, error=exc, task=task)
         except Exception as exc:  # retryable by class, or unexpected: retried through the queue
             return self.transient(task, exc)
+        if isinstance(result, Deferred):     # a state write: made by the store as it completes the message
+            return replace(self._outcome(task.message, "completed", task.started_at, task=task), deferred=result)
         if not isinstance(result, dict):
             return self.transient(task, TypeError(f"handler returned {type(result).__name__}, not a dict"))
         return self._outcome(task.message, "completed", task.started_at, result=result, task=task)

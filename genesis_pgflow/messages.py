@@ -7,12 +7,13 @@ import itertools
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from genesis_pgflow.errors import GenesisError, InvalidPayload, PayloadTooLarge, UnknownType
+from genesis_pgflow.errors import GenesisError, InvalidPayload, PayloadTooLarge, PermanentError, UnknownType
 
 # request queue -> (payload type, result queue)
 QUEUES: dict[str, tuple[str, str]] = {
@@ -551,11 +552,28 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """A handler's state write, made in the completion transaction of its message instead of one of
+    its own: the write, the result, the archive and the run record commit together, one transaction
+    per batch, and no crash can leave a write made whose request is then retried.
+
+    The store calls `apply(tx)` with its open transaction (a connection; None for the in-memory
+    store) once the message is archived by that transaction; apply returns the result, or raises a
+    PermanentError to fail the request. Deferred writes of one batch are applied in `lock_key`
+    order, then message order, so that consumers completing batches at once take their locks in
+    one order and several versions of one rule in a batch are decided in the order they came."""
+
+    lock_key: str
+    apply: Callable[[Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What became of one attempt at one message; the consumer turns it into store calls.
 
     kind: completed (result), failed (permanent failure), retry (transient failure),
-    dead_letter (transient failure on the last attempt, or too many reads).
+    dead_letter (transient failure on the last attempt, or too many reads). A completed outcome
+    with `deferred` has its result only once the store has settled it (settle below).
     """
 
     message: ReadMessage
@@ -566,6 +584,7 @@ class Outcome:
     error: Failure | None = None
     retry_after_s: float = 0.0
     workflow_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    deferred: Deferred | None = None
 
     @property
     def status(self) -> str:
@@ -574,6 +593,24 @@ class Outcome:
     @property
     def final(self) -> bool:
         return self.kind != "retry"
+
+
+def settle(outcomes: list[Outcome], tx: Any) -> list[Outcome]:
+    """The outcomes with their deferred writes made in tx (see Deferred), in the same order. A
+    database error propagates: the transaction is lost and the batch is written again or one by one."""
+    pending = sorted((o for o in outcomes if o.deferred is not None),
+                     key=lambda o: (o.deferred.lock_key if o.deferred else "", o.message.msg_id))
+    settled: dict[int, Outcome] = {}
+    for o in pending:
+        assert o.deferred is not None
+        try:
+            result = o.deferred.apply(tx)
+        except PermanentError as exc:
+            settled[id(o)] = replace(o, kind="failed", deferred=None,
+                                     error=Failure(exc.code, exc.message, exc.details))
+        else:
+            settled[id(o)] = replace(o, result=result, deferred=None)
+    return [settled.get(id(o), o) for o in outcomes]
 
 
 def envelope(outcome: Outcome, consumer: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from genesis_pgflow.messages import (
     redact,
     request_headers,
     result_destination,
+    settle,
 )
 from genesis_pgflow.store.control import Command, ControlState
 from genesis_pgflow.store.state import (
@@ -133,10 +134,10 @@ class MemoryQueueStore:
         self._fail()
         with self._lock:
             applied = []
-            for o in outcomes:
-                stored = self.queues[o.message.queue].pop(o.message.msg_id, None)
-                if stored is None:
-                    continue
+            # only what is still queued is finished here (a lost lease is not), deferred writes first
+            mine = settle([o for o in outcomes if o.message.msg_id in self.queues[o.message.queue]], None)
+            for o in mine:
+                stored = self.queues[o.message.queue].pop(o.message.msg_id)
                 self.archives[o.message.queue].append(stored)
                 destination = result_destination(o.message)
                 if destination not in self.queues:      # a reply_to queue's first use, as pgmq.create
@@ -297,6 +298,10 @@ class MemoryStateStore:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+
+    def bound(self, tx: Any) -> MemoryStateStore:
+        """No transactions in memory: every write is made at once."""
+        return self
 
     def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
         with self._lock:

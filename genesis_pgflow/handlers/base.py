@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from genesis_pgflow.errors import WorkflowTimeout
-from genesis_pgflow.messages import Payload
+from genesis_pgflow.messages import Deferred, Payload
 
 
 @dataclass
@@ -44,8 +44,10 @@ class WorkContext:
 class Handler(Protocol):
     """One payload type's workflow.
 
-    Return the result object (contract section 5); raise a PermanentError subclass for a
-    failure that will not go away, a RetryableError for one that may. The deadline is the
+    Return the result object (contract section 5), or a messages.Deferred whose write the store
+    makes in the message's completion transaction (a handler whose work is a database write);
+    raise a PermanentError subclass for a failure that will not go away, a RetryableError for one
+    that may. The deadline is the
     handler's own `timeout_s(payload)` if it has that method (an experiment's hour), else the
     payload's `timeout_ms` if it has one, else the consumer's --timeout-ms; either of the first
     two is cut to the operator's maximum (--max-timeout-ms, --max-experiment-timeout-ms).
@@ -53,7 +55,7 @@ class Handler(Protocol):
 
     payload_type: str
 
-    def __call__(self, payload: Any, ctx: WorkContext) -> dict[str, Any]: ...
+    def __call__(self, payload: Any, ctx: WorkContext) -> dict[str, Any] | Deferred: ...
 
 
 def timeout_override(payload: Payload) -> float | None:

@@ -1,4 +1,7 @@
-"""RuleEngine: applies versioned rule updates that are confident enough."""
+"""RuleEngine: applies versioned rule updates that are confident enough.
+
+The write is deferred (messages.Deferred): the store makes it in the message's completion
+transaction, so the new version, the result, the archive and the run record commit together."""
 
 from __future__ import annotations
 
@@ -6,8 +9,8 @@ from typing import Any
 
 from genesis_pgflow.errors import LowConfidence, StaleVersion
 from genesis_pgflow.handlers.base import WorkContext
-from genesis_pgflow.messages import RuleUpdate
-from genesis_pgflow.store.state import RuleVersion, StateStore
+from genesis_pgflow.messages import Deferred, RuleUpdate
+from genesis_pgflow.store.state import RuleVersion, StateStore, rule_key
 
 
 class RuleEngine:
@@ -17,7 +20,7 @@ class RuleEngine:
         self.state = state
         self.min_confidence = min_confidence
 
-    def __call__(self, payload: RuleUpdate, ctx: WorkContext) -> dict[str, Any]:
+    def __call__(self, payload: RuleUpdate, ctx: WorkContext) -> Deferred:
         ids = payload.identifiers()
         if payload.confidence < self.min_confidence:
             raise LowConfidence(
@@ -25,8 +28,11 @@ class RuleEngine:
                 details={**ids, "confidence": payload.confidence, "min_confidence": self.min_confidence})
         ctx.check()
         rule = RuleVersion(payload.namespace, payload.rule_id, payload.version, payload.confidence, payload.rule)
-        status, active = self.state.apply_rule(rule, ctx.workflow_id)
-        if status == "stale":
-            raise StaleVersion(f"version {payload.version} is older than the active version {active}",
-                               details={**ids, "active_version": active})
-        return {"status": status, **ids, "confidence": payload.confidence}
+
+        def apply(tx: Any) -> dict[str, Any]:
+            status, active = self.state.bound(tx).apply_rule(rule, ctx.workflow_id)
+            if status == "stale":
+                raise StaleVersion(f"version {payload.version} is older than the active version {active}",
+                                   details={**ids, "active_version": active})
+            return {"status": status, **ids, "confidence": payload.confidence}
+        return Deferred(rule_key(rule), apply)

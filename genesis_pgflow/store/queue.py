@@ -28,6 +28,7 @@ from genesis_pgflow.messages import (
     request_headers,
     result_destination,
     result_queue,
+    settle,
     take_in,
 )
 from genesis_pgflow.store.database import Conn, Database, StoreError, one
@@ -206,7 +207,8 @@ class PgQueueStore:
             # Archive first: only what this transaction removed from the queue gets a result, so a
             # message finished elsewhere (lease lost) or by a retried commit is never answered twice.
             archived = {row["msg_id"] for row in conn.execute(sql("archive_batch"), {"queue": queue, "msg_ids": ids})}
-            mine = [o for o in items if o.message.msg_id in archived]
+            # deferred state writes (rules, LLM configurations) join this transaction
+            mine = settle([o for o in items if o.message.msg_id in archived], conn)
             if not mine:
                 continue
             dead = [o for o in mine if o.kind == "dead_letter"]

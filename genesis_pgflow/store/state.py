@@ -43,6 +43,10 @@ class LlmConfig:
 class StateStore(Protocol):
     """PgStateStore and testing.MemoryStateStore both pass tests/conformance."""
 
+    def bound(self, tx: Any) -> StateStore:
+        """This store with its writes made in the open transaction tx (a connection, as a queue
+        store passes to messages.Deferred.apply); with None, each write in a transaction of its own."""
+
     def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
         """Make rule the active version unless it is already (unchanged) or older (stale).
         Returns what happened and the active version afterwards."""
@@ -55,6 +59,15 @@ class StateStore(Protocol):
 
     def llm_configs(self, provider: str | None = None) -> list[dict[str, Any]]:
         """The active configuration of every provider and complexity, settings included."""
+
+
+def rule_key(rule: RuleVersion) -> str:
+    """What serialises changes to one rule (an advisory lock), and orders a batch's writes."""
+    return f"rule:{rule.namespace}:{rule.rule_id}"
+
+
+def llm_config_key(config: LlmConfig) -> str:
+    return f"llm:{config.provider}:{config.complexity}"
 
 
 def decide_rule(active: int | None, incoming: int) -> Applied:
@@ -82,37 +95,41 @@ class PgStateStore:
     def _opened(self, row: dict[str, Any]) -> dict[str, Any]:
         return {**row, "settings": self.cipher.open_secrets(row["settings"])} if self.cipher else row
 
+    def bound(self, tx: Any) -> StateStore:
+        return self if tx is None else _BoundState(self, tx)
+
     def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
-        def tx(conn: Conn) -> tuple[Applied, int]:
-            conn.execute(sql("lock_key"), {"key": f"rule:{rule.namespace}:{rule.rule_id}"})
-            active = one(conn.execute(sql("active_rule_version"), vars(rule)))["version"]
-            decision = decide_rule(active, rule.version)
-            if decision == "applied":
-                conn.execute(sql("insert_rule_version"),
-                             {**vars(rule), "rule": Jsonb(rule.rule), "workflow_id": workflow_id})
-                return decision, rule.version
-            return decision, active
-        return self.db.run(tx)
+        return self.db.run(lambda conn: self._apply_rule(conn, rule, workflow_id))
+
+    def _apply_rule(self, conn: Conn, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
+        conn.execute(sql("lock_key"), {"key": rule_key(rule)})
+        active = one(conn.execute(sql("active_rule_version"), vars(rule)))["version"]
+        decision = decide_rule(active, rule.version)
+        if decision == "applied":
+            conn.execute(sql("insert_rule_version"),
+                         {**vars(rule), "rule": Jsonb(rule.rule), "workflow_id": workflow_id})
+            return decision, rule.version
+        return decision, active
 
     def rules(self, namespace: str | None = None) -> list[dict[str, Any]]:
         return self.db.run(lambda conn: conn.execute(sql("list_active_rules"), {"namespace": namespace}).fetchall())
 
     def apply_llm_config(self, config: LlmConfig, workflow_id: str) -> tuple[Applied, int]:
+        return self.db.run(lambda conn: self._apply_llm_config(conn, config, workflow_id))
+
+    def _apply_llm_config(self, conn: Conn, config: LlmConfig, workflow_id: str) -> tuple[Applied, int]:
         if self.cipher:
             config = replace(config, settings=self.cipher.open_secrets(config.settings))
-
-        def tx(conn: Conn) -> tuple[Applied, int]:
-            conn.execute(sql("lock_key"), {"key": f"llm:{config.provider}:{config.complexity}"})
-            active = conn.execute(sql("active_llm_config"), vars(config)).fetchone()
-            if active is not None and same_config(self._opened(active), config):
-                return "unchanged", active["version"]
-            version = (active["version"] if active else 0) + 1
-            conn.execute(sql("insert_llm_config"), {
-                "provider": config.provider, "complexity": config.complexity, "version": version,
-                "models": Jsonb(config.models), "task_types": Jsonb(config.task_types),
-                "settings": Jsonb(self._sealed(config.settings)), "workflow_id": workflow_id})
-            return "applied", version
-        return self.db.run(tx)
+        conn.execute(sql("lock_key"), {"key": llm_config_key(config)})
+        active = conn.execute(sql("active_llm_config"), vars(config)).fetchone()
+        if active is not None and same_config(self._opened(active), config):
+            return "unchanged", active["version"]
+        version = (active["version"] if active else 0) + 1
+        conn.execute(sql("insert_llm_config"), {
+            "provider": config.provider, "complexity": config.complexity, "version": version,
+            "models": Jsonb(config.models), "task_types": Jsonb(config.task_types),
+            "settings": Jsonb(self._sealed(config.settings)), "workflow_id": workflow_id})
+        return "applied", version
 
     def llm_configs(self, provider: str | None = None) -> list[dict[str, Any]]:
         """Settings opened: the caller redacts them for display."""
@@ -144,3 +161,25 @@ class PgStateStore:
                         changed["dead_letters"] += 1
             return changed
         return self.db.run(tx)
+
+
+class _BoundState:
+    """A PgStateStore's writes inside a transaction someone else opened and will commit."""
+
+    def __init__(self, store: PgStateStore, conn: Conn):
+        self.store, self.conn = store, conn
+
+    def bound(self, tx: Any) -> StateStore:
+        return self.store.bound(tx)
+
+    def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
+        return self.store._apply_rule(self.conn, rule, workflow_id)
+
+    def apply_llm_config(self, config: LlmConfig, workflow_id: str) -> tuple[Applied, int]:
+        return self.store._apply_llm_config(self.conn, config, workflow_id)
+
+    def rules(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        return self.store.rules(namespace)
+
+    def llm_configs(self, provider: str | None = None) -> list[dict[str, Any]]:
+        return self.store.llm_configs(provider)

@@ -296,3 +296,42 @@ def test_a_command_is_addressed_to_one_consumer_and_a_stop_is_never_turned_into_
     assert steered.control.control_state().command == "stop"
     steered.tell("drain")
     assert steered.control.control_state() == ControlState(frozenset(), "stop")
+
+
+def test_a_batch_with_several_versions_of_one_rule_is_decided_in_message_order(twin):
+    """RuleEngine's writes are deferred to the batch's completion (issue 9): within one batch, the
+    versions of one rule are decided in the order their messages came, and a request finished
+    elsewhere meanwhile is neither answered nor written again."""
+    from genesis_pgflow.dispatcher import Dispatcher
+    from genesis_pgflow.handlers.rules import RuleEngine
+
+    dispatcher = Dispatcher({"genesis_rule_update": RuleEngine(twin.state)}, timeout_s=30, max_attempts=3,
+                            retry_base_s=1.0, retry_max_s=1.0)
+
+    def rule(rule_id: str, version: int) -> dict:
+        return {"type": "genesis_rule_update", "namespace": "batch", "rule_id": rule_id, "version": version,
+                "confidence": 0.9, "rule": {"v": version}}
+
+    sent = [twin.queues.send(Q, body) for body in (rule("a", 2), rule("b", 1), rule("a", 3), rule("a", 3),
+                                                    rule("a", 1), rule("lost", 1))]
+    messages = twin.queues.read(Q, 10, lease_s=30)
+    assert [m.msg_id for m in messages] == sent
+    outcomes = []
+    for message in messages:
+        task = dispatcher.prepare(message)
+        done = dispatcher.execute(task, dispatcher.context(task, float("inf")))
+        assert done.deferred is not None and done.result is None     # nothing written yet
+        outcomes.append(done)
+    assert twin.state.rules("batch") == []
+    twin.queues.complete([outcomes[-1]])                               # "lost" finished by someone else
+    applied = twin.queues.complete(outcomes)
+
+    assert [o.message.msg_id for o in applied] == sent[:-1]
+    assert [(o.kind, (o.result or {}).get("status"), o.error.code if o.error else None) for o in applied] == [
+        ("completed", "applied", None), ("completed", "applied", None), ("completed", "applied", None),
+        ("completed", "unchanged", None), ("failed", None, "stale_version")]
+    assert {(r["rule_id"], r["version"]) for r in twin.state.rules("batch")} == {("a", 3), ("b", 1), ("lost", 1)}
+    results = {r["request"]["msg_id"]: r for r in twin.results("genesis_rule_updates_results")}
+    assert results[sent[4]]["error"]["details"]["active_version"] == 3
+    assert results[sent[3]]["result"]["status"] == "unchanged"
+    assert [twin.run_status(Q, i) for i in sent] == ["completed"] * 4 + ["failed", "completed"]

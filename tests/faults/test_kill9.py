@@ -8,11 +8,12 @@ import random
 import time
 from collections import Counter
 
+import psycopg
 import pytest
 
 from genesis_pgflow.testing import wait_until
 
-from .conftest import RULES, FaultDb
+from .conftest import RULES, FaultDb, rule
 from .consumers import Consumers, cli_env, run_cli
 
 pytestmark = [pytest.mark.faults, pytest.mark.db, pytest.mark.slow]
@@ -59,3 +60,51 @@ def test_kill_9_at_random_points_then_restart_until_drained(parallel: int, batch
     assert set(outcomes) <= {("completed", None), ("failed", "max_attempts_exceeded")}, (seed, outcomes)
     assert outcomes[("completed", None)] >= total - 50, (seed, outcomes)
     assert sorted(fault_db.answered_ids()) == sorted(ids)
+
+
+def test_a_consumer_killed_between_a_rules_write_and_its_result_leaves_one_outcome(
+        fault_db: FaultDb, consumers: Consumers, genesis_home) -> None:
+    """The rule's new version is written in the completion transaction of its message (issue 9):
+    held after the write, as its result is written (a trigger on the results queue waits on a lock
+    this test holds), the consumer is killed; the write goes with the transaction, and the next
+    delivery applies it and answers `applied`, once. Were the write committed on its own, as it was
+    before, the retry would answer `unchanged`."""
+    fault_db.sql("""
+        CREATE FUNCTION genesis.test_hold_result() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_advisory_lock(4242);
+            PERFORM pg_advisory_unlock(4242);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER test_hold AFTER INSERT ON pgmq.q_genesis_rule_updates_results
+            FOR EACH ROW EXECUTE FUNCTION genesis.test_hold_result();""")
+    [msg_id] = fault_db.send(RULES, [rule("held")])
+    env = cli_env(genesis_home, fault_db.dsn, GENESIS_LEASE_S="2")
+    args = ("--queues", RULES, "--poll-interval-ms", "100", "--no-migrate")
+    with psycopg.connect(fault_db.dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(4242)")
+        victim = consumers.start(*args, env=env)
+
+        def waiting_backend() -> int | None:
+            rows = fault_db.sql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 "
+                                "AND NOT granted")
+            return rows[0]["pid"] if rows else None
+        wait_until(lambda: waiting_backend() is not None or not victim.running(), timeout=120, interval=0.02,
+                   what="the consumer's completion transaction waiting as it writes the result")
+        backend = waiting_backend()
+        assert backend is not None, victim.stderr()
+        victim.kill()
+        holder.execute("SELECT pg_advisory_unlock(4242)")
+    # the orphaned transaction finds its client gone and rolls back
+    wait_until(lambda: not fault_db.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)),
+               timeout=120, interval=0.05, what="the killed consumer's backend gone")
+    assert fault_db.scalar("SELECT count(*) FROM genesis.rule_versions") == 0
+    assert fault_db.answered() == 0
+
+    drained = run_cli("--drain", *args, env=env, timeout=300)
+    assert drained.returncode == 0, drained.stderr
+    fault_db.check()
+    [answer] = fault_db.results()
+    assert answer["request"]["msg_id"] == msg_id
+    assert answer["status"] == "completed" and answer["result"]["status"] == "applied", answer
+    assert fault_db.scalar("SELECT count(*) FROM genesis.rule_versions") == 1
