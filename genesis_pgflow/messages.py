@@ -7,9 +7,9 @@ import itertools
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -551,20 +551,32 @@ class Failure:
         return redact({"code": self.code, "message": self.message, "details": self.details})
 
 
+class StateWriter(Protocol):
+    """What makes a Deferred's write: store.state's StateStore (its `bound` and `apply_writes`)."""
+
+    def bound(self, tx: Any) -> StateWriter: ...
+
+    def apply_writes(self, writes: Sequence[tuple[Any, str]]) -> Sequence[tuple[str, int]]: ...
+
+
 @dataclass(frozen=True)
 class Deferred:
     """A handler's state write, made in the completion transaction of its message instead of one of
     its own: the write, the result, the archive and the run record commit together, one transaction
     per batch, and no crash can leave a write made whose request is then retried.
 
-    The store calls `apply(tx)` with its open transaction (a connection; None for the in-memory
-    store) once the message is archived by that transaction; apply returns the result, or raises a
-    PermanentError to fail the request. Deferred writes of one batch are applied in `lock_key`
-    order, then message order, so that consumers completing batches at once take their locks in
-    one order and several versions of one rule in a batch are decided in the order they came."""
+    The store settles it (settle below) once the message is archived by that transaction: the
+    writer makes `write` (with `workflow_id`) in the transaction, batched with the others of the
+    batch, and `finish` turns the (decision, version) it answers into the result, or raises a
+    PermanentError to fail the request. The writes of one batch are made in `lock_key` order, then
+    message order, so that consumers completing batches at once take their locks in one order and
+    several versions of one rule in a batch are decided in the order they came."""
 
     lock_key: str
-    apply: Callable[[Any], dict[str, Any]]
+    write: Any
+    workflow_id: str
+    writer: StateWriter
+    finish: Callable[[tuple[str, int]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -596,20 +608,23 @@ class Outcome:
 
 
 def settle(outcomes: list[Outcome], tx: Any) -> list[Outcome]:
-    """The outcomes with their deferred writes made in tx (see Deferred), in the same order. A
-    database error propagates: the transaction is lost and the batch is written again or one by one."""
+    """The outcomes with their deferred writes made in tx (see Deferred), in the same order: one
+    `apply_writes` per writer and batch. A database error propagates: the transaction is lost and
+    the batch is written again or one by one."""
     pending = sorted((o for o in outcomes if o.deferred is not None),
                      key=lambda o: (o.deferred.lock_key if o.deferred else "", o.message.msg_id))
     settled: dict[int, Outcome] = {}
-    for o in pending:
-        assert o.deferred is not None
-        try:
-            result = o.deferred.apply(tx)
-        except PermanentError as exc:
-            settled[id(o)] = replace(o, kind="failed", deferred=None,
-                                     error=Failure(exc.code, exc.message, exc.details))
-        else:
-            settled[id(o)] = replace(o, result=result, deferred=None)
+    for _writer, group in itertools.groupby(pending, key=lambda o: id(o.deferred.writer) if o.deferred else 0):
+        items = [(o, o.deferred) for o in group if o.deferred is not None]
+        decisions = items[0][1].writer.bound(tx).apply_writes([(d.write, d.workflow_id) for _o, d in items])
+        for (o, d), decision in zip(items, decisions, strict=True):
+            try:
+                result = d.finish(decision)
+            except PermanentError as exc:
+                settled[id(o)] = replace(o, kind="failed", deferred=None,
+                                         error=Failure(exc.code, exc.message, exc.details))
+            else:
+                settled[id(o)] = replace(o, result=result, deferred=None)
     return [settled.get(id(o), o) for o in outcomes]
 
 

@@ -303,6 +303,10 @@ class MemoryStateStore:
         """No transactions in memory: every write is made at once."""
         return self
 
+    def apply_writes(self, writes: Sequence[tuple[RuleVersion | LlmConfig, str]]) -> list[tuple[Applied, int]]:
+        return [self.apply_rule(w, wf) if isinstance(w, RuleVersion) else self.apply_llm_config(w, wf)
+                for w, wf in writes]
+
     def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
         with self._lock:
             versions = self.rule_versions.setdefault((rule.namespace, rule.rule_id), {})

@@ -23,8 +23,8 @@ class LlmConfigManager:
         config = LlmConfig(payload.provider, payload.complexity, list(payload.models),
                            list(payload.task_types), dict(payload.settings))
 
-        def apply(tx: Any) -> dict[str, Any]:
-            status, version = self.state.bound(tx).apply_llm_config(config, ctx.workflow_id)
+        def finish(decision: tuple[str, int]) -> dict[str, Any]:
+            status, version = decision
             return {"status": status, "provider": payload.provider, "complexity": payload.complexity,
                     "models_count": len(payload.models), "version": version}
-        return Deferred(llm_config_key(config), apply)
+        return Deferred(llm_config_key(config), config, ctx.workflow_id, self.state, finish)

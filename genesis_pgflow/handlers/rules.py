@@ -29,10 +29,10 @@ class RuleEngine:
         ctx.check()
         rule = RuleVersion(payload.namespace, payload.rule_id, payload.version, payload.confidence, payload.rule)
 
-        def apply(tx: Any) -> dict[str, Any]:
-            status, active = self.state.bound(tx).apply_rule(rule, ctx.workflow_id)
+        def finish(decision: tuple[str, int]) -> dict[str, Any]:
+            status, active = decision
             if status == "stale":
                 raise StaleVersion(f"version {payload.version} is older than the active version {active}",
                                    details={**ids, "active_version": active})
             return {"status": status, **ids, "confidence": payload.confidence}
-        return Deferred(rule_key(rule), apply)
+        return Deferred(rule_key(rule), rule, ctx.workflow_id, self.state, finish)

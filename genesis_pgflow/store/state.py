@@ -8,6 +8,8 @@ request (a dead letter requeued from a dump of this table, say) is opened before
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -45,7 +47,11 @@ class StateStore(Protocol):
 
     def bound(self, tx: Any) -> StateStore:
         """This store with its writes made in the open transaction tx (a connection, as a queue
-        store passes to messages.Deferred.apply); with None, each write in a transaction of its own."""
+        store passes to messages.settle); with None, in a transaction of its own per call."""
+
+    def apply_writes(self, writes: Sequence[tuple[RuleVersion | LlmConfig, str]]) -> list[tuple[Applied, int]]:
+        """Several rule versions and LLM configurations (each with its workflow id) applied in the
+        order given, as apply_rule and apply_llm_config would one by one."""
 
     def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
         """Make rule the active version unless it is already (unchanged) or older (stale).
@@ -97,6 +103,24 @@ class PgStateStore:
 
     def bound(self, tx: Any) -> StateStore:
         return self if tx is None else _BoundState(self, tx)
+
+    def apply_writes(self, writes: Sequence[tuple[RuleVersion | LlmConfig, str]]) -> list[tuple[Applied, int]]:
+        return self.db.run(lambda conn: self._apply_writes(conn, writes))
+
+    def _apply_writes(self, conn: Conn, writes: Sequence[tuple[RuleVersion | LlmConfig, str]]
+                      ) -> list[tuple[Applied, int]]:
+        """Consecutive rule versions in one statement (genesis.apply_rule_versions, migration 0010)."""
+        decisions: list[tuple[Applied, int]] = []
+        for is_rule, run in itertools.groupby(writes, key=lambda w: isinstance(w[0], RuleVersion)):
+            items = list(run)
+            if is_rule:
+                updates = [{**vars(rule), "workflow_id": workflow_id} for rule, workflow_id in items]
+                rows = conn.execute(sql("apply_rule_versions"), {"updates": Jsonb(updates)}).fetchall()
+                decisions += [(row["decision"], row["active_version"]) for row in rows]
+            else:
+                decisions += [self._apply_llm_config(conn, config, workflow_id)  # type: ignore[arg-type]
+                              for config, workflow_id in items]
+        return decisions
 
     def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
         return self.db.run(lambda conn: self._apply_rule(conn, rule, workflow_id))
@@ -171,6 +195,9 @@ class _BoundState:
 
     def bound(self, tx: Any) -> StateStore:
         return self.store.bound(tx)
+
+    def apply_writes(self, writes: Sequence[tuple[RuleVersion | LlmConfig, str]]) -> list[tuple[Applied, int]]:
+        return self.store._apply_writes(self.conn, writes)
 
     def apply_rule(self, rule: RuleVersion, workflow_id: str) -> tuple[Applied, int]:
         return self.store._apply_rule(self.conn, rule, workflow_id)
