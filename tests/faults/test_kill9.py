@@ -32,7 +32,9 @@ def test_kill_9_at_random_points_then_restart_until_drained(parallel: int, batch
                                                              consumers: Consumers, genesis_home) -> None:
     seed = _seed()
     rng = random.Random(seed)
-    total = KILLS_PER_CONFIGURATION * (STEP + 150) + 100
+    # enough that the last kill comes before the drain, at whatever speed: a batch answers up to
+    # batch_size at once, and what a killed consumer held is answered again after its lease
+    total = KILLS_PER_CONFIGURATION * (STEP + 150 + 3 * batch_size) + 100
     ids = fault_db.send_rules(total)
     # what a killed consumer held comes back within 2 s; five reads before a dead letter, so that
     # a message leased in several killed batches is still run
@@ -43,7 +45,7 @@ def test_kill_9_at_random_points_then_restart_until_drained(parallel: int, batch
     killed_with_leases = 0
     for _ in range(KILLS_PER_CONFIGURATION):
         victim = consumers.start(*args, env=env)
-        target = fault_db.answered() + rng.randint(0, STEP)   # 0: killed while starting up
+        target = min(fault_db.answered() + rng.randint(0, STEP), total - 1)   # 0: killed while starting up
         wait_until(lambda t=target, v=victim: fault_db.answered() >= t or not v.running(), timeout=120, interval=0.02,
                    what=f"{target} answers (seed {seed})")
         time.sleep(rng.uniform(0, 0.2))

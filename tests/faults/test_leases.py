@@ -26,7 +26,8 @@ def test_a_stalled_consumer_loses_its_lease_to_another_and_nothing_is_answered_t
     """Consumer A is frozen (SIGSTOP: a GC pause, a stalled VM) while it holds leases, so it cannot
     renew them; they expire and consumer B answers those requests. When A thaws, its late
     outcomes must not publish a second result."""
-    ids = fault_db.send_rules(800)
+    # enough that A, which answers a batch of 100 in a few milliseconds, is still under way when frozen
+    ids = fault_db.send_rules(4000)
     env = cli_env(genesis_home, fault_db.dsn, GENESIS_LEASE_S="2")
     a = consumers.start(*FAST, "--queues", RULES, "--parallel", "4", "--batch-size", "100", env=env)
     wait_until(lambda: fault_db.answered() >= 50, timeout=120, what="A to be under way")

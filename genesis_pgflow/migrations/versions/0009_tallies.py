@@ -89,6 +89,8 @@ def upgrade() -> None:
         FOR EACH STATEMENT EXECUTE FUNCTION genesis.tally_runs();
     INSERT INTO genesis.run_tallies (queue, type, status, n)
     SELECT queue, type, status, count(*) FROM genesis.workflow_runs GROUP BY 1, 2, 3;
+    -- counts only: a monitoring role may read them (0005 gave it the views)
+    GRANT SELECT ON genesis.run_tallies, genesis.archive_tallies TO pg_monitor;
 
     CREATE OR REPLACE VIEW genesis.queue_health AS
         SELECT m.queue,
