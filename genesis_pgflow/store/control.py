@@ -9,7 +9,7 @@ from typing import Literal, Protocol
 
 import psycopg
 
-from genesis_pgflow.store.database import Database, one
+from genesis_pgflow.store.database import Database, Listener, one
 from genesis_pgflow.store.queries import sql
 
 CHANNEL = "genesis_control"
@@ -52,8 +52,7 @@ class PgControlStore:
     def __init__(self, db: Database, consumer: str):
         self.db = db
         self.consumer = consumer
-        self._listener: psycopg.Connection | None = None
-        self._generation = -1
+        self._listener = Listener(db, "control")
 
     def control_state(self) -> ControlState:
         row = self.db.run(lambda conn: one(conn.execute(sql("control_state"), {"consumer": self.consumer})))
@@ -65,34 +64,17 @@ class PgControlStore:
                                               {"consumer": self.consumer, "command": command}))
 
     def wait_for_control(self, timeout_s: float) -> bool:
+        """True on a NOTIFY, or when the channel was just opened (what came before was not heard)."""
         try:
-            if self._listen():
+            conn, fresh = self._listener.connection([CHANNEL])
+            if fresh:
                 return True
-            assert self._listener is not None
-            for _ in self._listener.notifies(timeout=max(timeout_s, 0.0), stop_after=1):
+            for _ in conn.notifies(timeout=max(timeout_s, 0.0), stop_after=1):
                 return True
             return False
         except psycopg.Error:
             self.close()
             raise
 
-    def _listen(self) -> bool:
-        """LISTEN on a fresh connection if there is none, or the pool was dropped since; True if
-        it did (what happened before it listened was not heard)."""
-        if self._listener is not None and not self._listener.closed and self._generation == self.db.generation:
-            return False
-        self.close()
-        generation = self.db.generation
-        self._listener = self.db.connect("control", autocommit=True)
-        with self.db.watchdog.watch(self._listener, self.db.call_timeout_s):
-            self._listener.execute(f"LISTEN {CHANNEL}")
-        self._generation = generation
-        return True
-
     def close(self) -> None:
-        if self._listener is not None:
-            try:
-                self._listener.close()
-            except psycopg.Error:
-                pass
-        self._listener = None
+        self._listener.close()

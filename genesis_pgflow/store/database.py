@@ -15,11 +15,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import sql as pgsql
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
@@ -380,3 +381,42 @@ def maintenance_lock(db: Database, job: str) -> Iterator[bool]:
                     conn.execute(sql("maintenance_unlock"), {"job": job})
         finally:
             conn.autocommit = False
+
+
+class Listener:
+    """A LISTEN connection of its own (never a pooled one: a pooled connection forgets what it
+    listened to when the pool hands it on). It is opened again whenever the channels change or the
+    pool has been dropped since (a reconnect: the old session and what it listened to are gone).
+
+        conn, fresh = listener.connection(["genesis_control"])
+        # fresh: just listening, so whatever was notified before was not heard
+        for _ in conn.notifies(timeout=1.0, stop_after=1): ...
+    """
+
+    def __init__(self, db: Database, name: str):
+        self.db, self.name = db, name
+        self._conn: psycopg.Connection[Any] | None = None
+        self._channels: tuple[str, ...] = ()
+        self._generation = -1
+
+    def connection(self, channels: Sequence[str]) -> tuple[psycopg.Connection[Any], bool]:
+        wanted = tuple(channels)
+        if (self._conn is not None and not self._conn.closed and self._channels == wanted
+                and self._generation == self.db.generation):
+            return self._conn, False
+        self.close()
+        generation = self.db.generation
+        self._conn = conn = self.db.connect(self.name, autocommit=True)
+        with self.db.watchdog.watch(conn, self.db.call_timeout_s):
+            for channel in wanted:
+                conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel)))
+        self._channels, self._generation = wanted, generation
+        return conn, True
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+        self._conn = None

@@ -31,7 +31,7 @@ from genesis_pgflow.messages import (
     settle,
     take_in,
 )
-from genesis_pgflow.store.database import Conn, Database, StoreError, one
+from genesis_pgflow.store.database import Conn, Database, Listener, StoreError, one
 from genesis_pgflow.store.queries import sql
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,7 @@ class PgQueueStore:
         self.cipher = cipher    # seals the secrets of LLM configuration dead letters
         self.consumer = consumer
         self.limits = limits or IntakeLimits()
-        self._listener: psycopg.Connection | None = None
-        self._listening: tuple[str, ...] = ()
-        self._listening_generation = 0
+        self._listener = Listener(db, "listen")
         self._reply_queues: set[str] = set()    # reply_to queues known to exist (created, or found)
 
     # --- the hot path ---------------------------------------------------------------------
@@ -269,33 +267,13 @@ class PgQueueStore:
         """LISTEN on the insert channels (`pgmq.q_<queue>.INSERT`, see schema.py) on a connection
         of its own, opened again whenever the pool has been dropped since."""
         try:
-            listener = self._listen(tuple(queues))
+            listener, _fresh = self._listener.connection([f"pgmq.q_{queue}.INSERT" for queue in queues])
             for _ in listener.notifies(timeout=max(timeout_s, 0.0), stop_after=1):
                 return True
             return False
         except psycopg.Error:
-            self._close_listener()
+            self._listener.close()
             raise
-
-    def _listen(self, queues: tuple[str, ...]) -> psycopg.Connection:
-        if (self._listener is None or self._listener.closed or self._listening != queues
-                or self._listening_generation != self.db.generation):
-            self._close_listener()
-            generation = self.db.generation
-            self._listener = self.db.connect("listen", autocommit=True)
-            with self.db.watchdog.watch(self._listener, self.db.call_timeout_s):
-                for queue in queues:
-                    self._listener.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(f"pgmq.q_{queue}.INSERT")))
-            self._listening, self._listening_generation = queues, generation
-        return self._listener
-
-    def _close_listener(self) -> None:
-        if self._listener is not None:
-            try:
-                self._listener.close()
-            except psycopg.Error:
-                pass
-        self._listener = None
 
     # --- producers and operators ----------------------------------------------------------
 
@@ -307,4 +285,4 @@ class PgQueueStore:
         return self.db.run(lambda conn: one(conn.execute(sql("total_depth"), {"queues": list(queues)}))["depth"])
 
     def close(self) -> None:
-        self._close_listener()
+        self._listener.close()

@@ -31,7 +31,7 @@ class Rules:
 def _control_listeners(dsn: str, name: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute("""SELECT count(*) FROM pg_stat_activity WHERE application_name = %s
-                               AND query = 'LISTEN genesis_control'""", (f"{name}:control",)).fetchone()[0]
+                               AND query LIKE 'LISTEN %%genesis_control%%'""", (f"{name}:control",)).fetchone()[0]
 
 
 def _terminate(dsn: str, name: str) -> int:
