@@ -28,7 +28,8 @@ from genesis_pgflow.messages import Failure, Outcome
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.experiments import ExperimentStart, PgExperimentRecords
 from genesis_pgflow.store.queue import PgQueueStore
-from tests.acceptance.conftest import Background
+
+from .conftest import Background
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

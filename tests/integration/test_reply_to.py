@@ -16,7 +16,8 @@ from genesis_pgflow.metrics import OTHER, queue_label
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.retention import PgRetention, RetentionPolicy
 from genesis_pgflow.store.state import PgStateStore
-from tests.integration.test_consumer_pg import RULES, RULES_RESULTS, Harness, ProbeHandler, drive, query, rule
+
+from .test_consumer_pg import RULES, RULES_RESULTS, Harness, ProbeHandler, drive, query, rule
 
 pytestmark = pytest.mark.db
 
