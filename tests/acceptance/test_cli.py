@@ -95,7 +95,7 @@ def test_db_upgrade_twice(empty_db_dsn: str, genesis_home: Path) -> None:
     env = cli_env(genesis_home, empty_db_dsn)
     first = ok(run_cli(GENESIS, "db", "upgrade", env=env))
     head = schema.head_revision()
-    assert "queues created: 12" in first.stdout
+    assert "queues created: 13" in first.stdout
     assert f"none -> {head}" in first.stdout
 
     second = ok(run_cli(GENESIS, "db", "upgrade", env=env))
@@ -111,7 +111,7 @@ def test_concurrent_db_upgrade_processes(empty_db_dsn: str, genesis_home: Path) 
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outputs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    assert sum(int(out.split("queues created: ")[1].split(";")[0]) for out, _ in outputs) == 12
+    assert sum(int(out.split("queues created: ")[1].split(";")[0]) for out, _ in outputs) == 13
     assert schema.problems(empty_db_dsn) == []
 
 

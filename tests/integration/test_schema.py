@@ -1,4 +1,4 @@
-"""`schema.upgrade` and `schema.problems` on a real PostgreSQL: pgmq, the 12 queues, the genesis schema."""
+"""`schema.upgrade` and `schema.problems` on a real PostgreSQL: pgmq, the 13 queues, the genesis schema."""
 
 from __future__ import annotations
 
