@@ -53,7 +53,7 @@ def start_consumers(background: Callable[..., Background], env: dict[str, str], 
                what="every consumer registered")
     # each has its control channel open (a pause reaches them by NOTIFY; the SQL refuses reads anyway)
     wait_until(lambda: len(query(dsn, """
-        SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN genesis_control'
+        SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %%genesis_control%%'
           AND application_name LIKE '%%:control'""")) >= n, 60, what="every control channel")
     return fleet
 
