@@ -14,7 +14,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -557,7 +556,11 @@ def _status(app: App, args: argparse.Namespace) -> int:
     if not args.watch:
         _emit(_status_json(app), args.json, _status_text)
         return EXIT_OK
-    while True:   # until Ctrl-C (exit 0)
+    # Ctrl-C (or SIGTERM) ends the watch between two redraws, never inside a query: exit 0
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.is_set():
         status = _status_json(app)
         if args.json:   # one object per line, for a pipe
             print(json.dumps(status, default=str), flush=True)
@@ -566,7 +569,8 @@ def _status(app: App, args: argparse.Namespace) -> int:
             sys.stdout.write(f"\x1b[H\x1b[2J{stamp}  every {args.interval:g} s, Ctrl-C to stop\n\n"
                              f"{_status_text(status)}\n")
             sys.stdout.flush()
-        time.sleep(args.interval)
+        stop.wait(args.interval)
+    return EXIT_OK
 
 
 def _failures(app: App, args: argparse.Namespace) -> int:
