@@ -622,7 +622,7 @@ def _run_text(found: dict[str, Any]) -> str:
     if letter:
         lines.append(f"dead letter: {letter['queue']} {letter['msg_id']}")
     results = found["results_waiting"]
-    lines.append(f"results waiting: {len(results)}")
+    lines.append(f"results waiting in {found['results_queue']}: {len(results)}")
     for r in results:
         outcome = r["message"].get("error") or r["message"].get("result")
         lines.append(f"  {r['msg_id']}: {r['message'].get('status')} {json.dumps(outcome, default=str)}")

@@ -80,11 +80,19 @@ FROM genesis.run_errors WHERE queue = %(queue)s AND msg_id = %(msg_id)s ORDER BY
 
 -- name: run_queue_row
 -- One message as it sits in a request queue (not yet finished).
-SELECT msg_id, read_ct, enqueued_at, vt, vt > clock_timestamp() AS leased FROM pgmq.{table} WHERE msg_id = %(msg_id)s
+SELECT msg_id, read_ct, enqueued_at, vt, vt > clock_timestamp() AS leased,
+       coalesce(message ->> 'reply_to', headers ->> 'reply_to') AS reply_to
+FROM pgmq.{table} WHERE msg_id = %(msg_id)s
 
 -- name: run_archive_row
 -- One message as it sits in a queue's archive.
-SELECT msg_id, read_ct, enqueued_at, archived_at FROM pgmq.{table} WHERE msg_id = %(msg_id)s
+SELECT msg_id, read_ct, enqueued_at, archived_at,
+       coalesce(message ->> 'reply_to', headers ->> 'reply_to') AS reply_to
+FROM pgmq.{table} WHERE msg_id = %(msg_id)s
+
+-- name: queue_exists
+-- Whether a pgmq queue (a reply_to queue, say) exists.
+SELECT to_regclass(format('pgmq.%%I', 'q_' || %(queue)s)) IS NOT NULL AS found
 
 -- name: run_result_messages
 -- The result messages still waiting in a result queue for one request message.

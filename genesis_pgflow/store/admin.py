@@ -16,7 +16,7 @@ from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
 
 from genesis_pgflow.errors import ConfigurationError
-from genesis_pgflow.messages import QUEUES, dead_letter_queue, result_queue
+from genesis_pgflow.messages import QUEUES, dead_letter_queue, reply_queue_family, result_queue
 from genesis_pgflow.store.control import COMMANDS
 from genesis_pgflow.store.database import Conn, Database, one
 from genesis_pgflow.store.queries import sql
@@ -171,11 +171,17 @@ class PgAdminStore:
             if run is None and queued is None and archived is None:
                 return None
             letters = self._explained_dead_letters(conn, queue, 1000)
+            # where its result went: the reply_to it named (if valid and created), else the paired queue
+            named = (archived or queued or {}).get("reply_to")
+            answers = result_queue(queue)
+            if (isinstance(named, str) and reply_queue_family(named) == queue
+                    and one(conn.execute(sql("queue_exists"), {"queue": named}))["found"]):
+                answers = named
             return {
                 "queue": queue, "msg_id": msg_id, "run": run,
                 "errors": conn.execute(sql("run_errors"), params).fetchall(),
-                "in_queue": queued, "archived": archived,
-                "results_waiting": conn.execute(_table("run_result_messages", table=f"q_{result_queue(queue)}"),
+                "in_queue": queued, "archived": archived, "results_queue": answers,
+                "results_waiting": conn.execute(_table("run_result_messages", table=f"q_{answers}"),
                                                 params).fetchall(),
                 "dead_letter": next(({"queue": dead_letter_queue(queue), "msg_id": d["msg_id"],
                                       "enqueued_at": d["enqueued_at"]}

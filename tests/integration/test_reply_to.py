@@ -268,3 +268,24 @@ def test_send_writes_only_to_request_queues(db_dsn: str, capsys: pytest.CaptureF
         assert len(err.strip().splitlines()) == 1 and says in err and "request queue" in err, err
     assert queue_names(db_dsn) == before
     assert all(not rows(db_dsn, q) for q in before), "nothing was sent anywhere"
+
+
+def test_runs_show_finds_a_result_in_the_reply_to_queue_it_went_to(harness: Harness) -> None:
+    from genesis_pgflow.store.admin import PgAdminStore
+
+    consumer = harness.consumer([ProbeHandler()])
+    dsn = harness.dsn
+    by_payload = send_sql(dsn, rule("p", reply_to=SING1))
+    by_header = send_sql(dsn, rule("h"), {"reply_to": SING2})
+    paired = send_sql(dsn, rule("q"))
+    refused = send_sql(dsn, rule("r", reply_to="genesis_job_requests_results_x"))
+    drive(consumer, lambda: len(all_results(dsn, SING1)) == 1 and SING2 in queue_names(dsn)
+          and len(all_results(dsn, SING2)) == 1 and len(all_results(dsn, RULES_RESULTS)) == 2, what="four results")
+
+    with Database(dsn, max_size=1).open() as db:
+        admin = PgAdminStore(db)
+        for msg_id, where in ((by_payload, SING1), (by_header, SING2), (paired, RULES_RESULTS),
+                              (refused, RULES_RESULTS)):
+            found = admin.run_history(RULES, msg_id)
+            assert found is not None and found["results_queue"] == where
+            assert [r["message"]["request"]["msg_id"] for r in found["results_waiting"]] == [msg_id]
