@@ -446,8 +446,9 @@ def run_tests(sandbox: Sandbox, test_command: Sequence[str] | None, selection: S
     verdict = command_verdict(suite, channel, result, root / JUNIT_FILE, " ".join(test_command or ["pytest"]))
     metrics, metrics_problem = read_metrics(root / METRICS_FILE)
     if result.limit is not None:
-        # killed by the sandbox: whatever it reported so far is not the suite's verdict
-        return TestRun(dict(verdict.outcomes), suite.argv, result, False, verdict.counted_by,
+        # killed by the sandbox: whatever it reported so far is not the suite's verdict, nor is its
+        # exit status (a parent whose child the limit killed may still exit 0): no outcomes
+        return TestRun({}, suite.argv, result, False, verdict.counted_by,
                        (f"the suite went past its {result.limit} limit and was killed", *verdict.problems),
                        verdict.rewritten, dict(verdict.durations), metrics, metrics_problem)
     return TestRun(dict(verdict.outcomes), suite.argv, result, verdict.measured, verdict.counted_by,
