@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import psycopg
-
 from genesis_pgflow.store.database import Database, Listener, one
 from genesis_pgflow.store.queries import sql
 
@@ -65,16 +63,7 @@ class PgControlStore:
 
     def wait_for_control(self, timeout_s: float) -> bool:
         """True on a NOTIFY, or when the channel was just opened (what came before was not heard)."""
-        try:
-            conn, fresh = self._listener.connection([CHANNEL])
-            if fresh:
-                return True
-            for _ in conn.notifies(timeout=max(timeout_s, 0.0), stop_after=1):
-                return True
-            return False
-        except psycopg.Error:
-            self.close()
-            raise
+        return self._listener.wait([CHANNEL], timeout_s)
 
     def close(self) -> None:
         self._listener.close()

@@ -413,6 +413,21 @@ class Listener:
         self._channels, self._generation = wanted, generation
         return conn, True
 
+    def wait(self, channels: Sequence[str], timeout_s: float) -> bool:
+        """True on a notification, or when the channels were just listened to again (whatever was
+        notified before was not heard: look now); False after timeout_s of silence. A database
+        error closes the connection (the next call opens a new one) and propagates."""
+        try:
+            conn, fresh = self.connection(channels)
+            if fresh:
+                return True
+            for _ in conn.notifies(timeout=max(timeout_s, 0.0), stop_after=1):
+                return True
+            return False
+        except psycopg.Error:
+            self.close()
+            raise
+
     def close(self) -> None:
         if self._conn is not None:
             try:

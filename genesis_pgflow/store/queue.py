@@ -265,15 +265,8 @@ class PgQueueStore:
 
     def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
         """LISTEN on the insert channels (`pgmq.q_<queue>.INSERT`, see schema.py) on a connection
-        of its own, opened again whenever the pool has been dropped since."""
-        try:
-            listener, _fresh = self._listener.connection([f"pgmq.q_{queue}.INSERT" for queue in queues])
-            for _ in listener.notifies(timeout=max(timeout_s, 0.0), stop_after=1):
-                return True
-            return False
-        except psycopg.Error:
-            self._listener.close()
-            raise
+        of its own (store.database.Listener), opened again whenever the pool has been dropped since."""
+        return self._listener.wait([f"pgmq.q_{queue}.INSERT" for queue in queues], timeout_s)
 
     # --- producers and operators ----------------------------------------------------------
 
