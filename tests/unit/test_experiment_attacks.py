@@ -32,14 +32,6 @@ NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (another user's view, mounts)")
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Sandbox:
-    sandbox = Sandbox()
-    if not sandbox.available:
-        pytest.skip("the sandbox (bubblewrap) is not available here")
-    return sandbox
-
-
 @pytest.fixture
 def allowed(tmp_path: Path) -> Path:
     (tmp_path / "allowed").mkdir()

@@ -119,14 +119,6 @@ def request(repo: Path, name: str, files: dict[str, str]) -> ExperimentRequest:
     return parsed
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Sandbox:
-    sandbox = Sandbox()
-    if not sandbox.available:
-        pytest.skip("the sandbox (bubblewrap) is not available here")
-    return sandbox
-
-
 @pytest.mark.sandbox
 @pytest.mark.slow
 @pytest.mark.parametrize("name, kind, extra, change, regressions, flaky_tests", CORPUS, ids=[c[0] for c in CORPUS])

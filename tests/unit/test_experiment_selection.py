@@ -125,14 +125,6 @@ NODE = {
 }
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Sandbox:
-    sandbox = Sandbox()
-    if not sandbox.available:
-        pytest.skip("the sandbox (bubblewrap) is not available here")
-    return sandbox
-
-
 @pytest.fixture
 def experiments(genesis_home: Path, tmp_path: Path, sandbox: Sandbox) -> tuple[ExperimentRunner,
                                                                                 MemoryExperimentRecords, Path]:

@@ -164,14 +164,6 @@ def settings_for(home: Path, repos: Repos, **values: Any) -> Settings:
     return Settings(home=home, repo_allow=str(repos.root), **values)
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Sandbox:
-    sandbox = Sandbox()
-    if not sandbox.available:
-        pytest.skip("the sandbox (bubblewrap) is not available here")
-    return sandbox
-
-
 @pytest.fixture
 def records() -> MemoryExperimentRecords:
     return MemoryExperimentRecords()
