@@ -135,8 +135,11 @@ class Outage:
 
     def __init__(self, max_outage_s: float, *, monotonic: Callable[[], float] = time.monotonic,
                  rand: Callable[[], float] = random.random, report_every_s: float = 60.0,
-                 backoff: Backoff = Backoff()):
+                 backoff: Backoff = Backoff(), on_down: Callable[[], None] = lambda: None):
         self.max_outage_s = max_outage_s
+        # called once when an outage begins: whoever noticed it (a periodic job, say), the loop
+        # must start its own attempts, which alone end the outage, rather than sleep out its poll
+        self.on_down = on_down
         self.monotonic = monotonic
         self.rand = rand
         self.report_every_s = report_every_s
@@ -158,7 +161,8 @@ class Outage:
         now = self.monotonic()
         with self._lock:
             self.last_error = first_line(exc)
-            if self.since is None:
+            began = self.since is None
+            if began:
                 self.since, self.attempts, self._next_report = now, 0, now + self.report_every_s
                 self.count += 1
                 log.warning("database unavailable (%s); retrying quietly, giving up after %.0f s",
@@ -169,11 +173,14 @@ class Outage:
                             now - self.since, self.attempts + 1, self.last_error)
             self.attempts += 1
             gone = now - self.since
-            if budget and gone >= self.max_outage_s:
-                raise DatabaseUnavailable(f"database unreachable for {gone:.0f} s "
-                                          f"(last error: {self.last_error}); giving up")
             # the last attempt falls due when the budget does, not a backoff later
-            return min(self.backoff.delay(self.attempts, self.rand()), self.since + self.max_outage_s - now)
+            delay = min(self.backoff.delay(self.attempts, self.rand()), self.since + self.max_outage_s - now)
+        if began:
+            self.on_down()
+        if budget and gone >= self.max_outage_s:
+            raise DatabaseUnavailable(f"database unreachable for {gone:.0f} s "
+                                      f"(last error: {self.last_error}); giving up")
+        return delay
 
     def recovered(self) -> None:
         if self.since is None:
@@ -213,7 +220,7 @@ class Consumer:
         # keep shutdown waiting on a silent server
         self.hurry = hurry
         self.outage = Outage(options.max_outage_s, monotonic=monotonic, rand=rand,
-                             report_every_s=options.outage_report_every_s)
+                             report_every_s=options.outage_report_every_s, on_down=lambda: self.wakeup.set())
         self.dispatcher = dispatcher
         self.options = options
         self.monotonic = monotonic
@@ -491,8 +498,12 @@ class Consumer:
                 if pause is None:
                     break
                 if pause > 0 and not self.stopping.is_set():   # a stop() during a turn was cleared with wakeup
-                    # during an outage a finished job must not cut the backoff short
-                    (self.stopping if self.outage.down else self.wakeup).wait(pause)
+                    if self.outage.down:
+                        # a finished job must not cut the backoff short; an outage another thread
+                        # noticed after this turn must not wait out a whole poll interval
+                        self.stopping.wait(min(pause, self.outage.backoff.max_s))
+                    else:
+                        self.wakeup.wait(pause)
         except DatabaseUnavailable:
             gave_up = True
             raise

@@ -327,6 +327,33 @@ def test_a_periodic_job_meeting_an_outage_logs_one_line_without_a_traceback(stor
     assert records[0].exc_info is None and consumer.outage.down
 
 
+def test_an_outage_a_periodic_job_meets_wakes_the_loop_from_a_long_poll():
+    """Only the loop's attempts end an outage, and the LISTEN thread waits while one lasts: so an
+    outage a periodic job noticed must wake a loop sleeping out its poll (an hour here), or the
+    consumer would hear nothing until that poll ends."""
+    store = MemoryQueueStore(clock=time.monotonic)
+    beats: list[bool] = []
+
+    def heartbeat():
+        beats.append(True)
+        if len(beats) == 1:
+            raise REFUSED
+
+    dispatcher = Dispatcher({"genesis_rule_update": Handler()}, timeout_s=5.0, max_attempts=3,
+                            retry_base_s=2.0, retry_max_s=60.0)
+    consumer = Consumer(store, dispatcher, ConsumerOptions(queues=(Q,), poll_interval_s=3600.0),
+                        periodic=[("heartbeat", 0.05, heartbeat)])
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        wait_until(lambda: consumer.outage.count == 1, what="the heartbeat to meet the outage")
+        wait_until(lambda: not consumer.outage.down, what="the loop to end the outage")
+    finally:
+        consumer.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_periodic_jobs_wait_while_the_database_is_away(store, clock):
     calls = []
     consumer = make(store, clock)
