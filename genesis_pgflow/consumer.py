@@ -162,7 +162,7 @@ class Outage:
         with self._lock:
             self.last_error = first_line(exc)
             began = self.since is None
-            if began:
+            if self.since is None:
                 self.since, self.attempts, self._next_report = now, 0, now + self.report_every_s
                 self.count += 1
                 log.warning("database unavailable (%s); retrying quietly, giving up after %.0f s",
@@ -172,9 +172,10 @@ class Outage:
                 log.warning("database still unavailable after %.0f s: %d failed attempt(s), last error: %s",
                             now - self.since, self.attempts + 1, self.last_error)
             self.attempts += 1
-            gone = now - self.since
+            since = self.since
+            gone = now - since
             # the last attempt falls due when the budget does, not a backoff later
-            delay = min(self.backoff.delay(self.attempts, self.rand()), self.since + self.max_outage_s - now)
+            delay = min(self.backoff.delay(self.attempts, self.rand()), since + self.max_outage_s - now)
         if began:
             self.on_down()
         if budget and gone >= self.max_outage_s:
