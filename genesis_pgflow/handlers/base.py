@@ -60,5 +60,8 @@ class Handler(Protocol):
 
 def timeout_override(payload: Payload) -> float | None:
     """The per-request timeout a payload asks for, in seconds, if any."""
-    timeout_ms = getattr(payload, "timeout_ms", None)
+    # a pydantic model's fields are in its __dict__; getattr on a missing one raises inside
+    # pydantic first, which costs more than the rest of a rule update's preparation
+    fields = getattr(payload, "__dict__", None)
+    timeout_ms = fields.get("timeout_ms") if fields is not None else getattr(payload, "timeout_ms", None)
     return timeout_ms / 1000.0 if timeout_ms else None

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.db, pytest.mark.slow]
 
 KILLS_PER_CONFIGURATION = 4         # x 6 configurations: 24 kills per run
 STEP = 60                           # answers between two kills at most (a random share of it)
+TOP_UP = 2000                       # unanswered requests kept ahead of each kill
 
 
 def _seed() -> int:
@@ -44,6 +45,11 @@ def test_kill_9_at_random_points_then_restart_until_drained(parallel: int, batch
 
     killed_with_leases = 0
     for _ in range(KILLS_PER_CONFIGURATION):
+        # topped up so that the kill comes before the drain however fast the consumer is: in the
+        # random pause below it answers as many as its rate allows
+        if total - fault_db.answered() < TOP_UP:
+            ids += fault_db.send_rules(TOP_UP, start=total)
+            total += TOP_UP
         victim = consumers.start(*args, env=env)
         target = min(fault_db.answered() + rng.randint(0, STEP), total - 1)   # 0: killed while starting up
         wait_until(lambda t=target, v=victim: fault_db.answered() >= t or not v.running(), timeout=120, interval=0.02,
