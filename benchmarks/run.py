@@ -8,8 +8,8 @@ By default everything runs on a throwaway PostgreSQL 15 of the bench's own (init
 directory, PostgreSQL's defaults, fsync on), so that WAL and commit counters are the bench's alone;
 --dsn uses a database created on that server instead (WAL is then counted cluster-wide, with
 whatever else writes there, and the latency-under-contention rows are skipped: they open an
-idle-in-transaction session, never on a shared server). A benchmark, never a timed test: figures vary with the machine's load,
-ratios measured in the same run much less.
+idle-in-transaction session, never on a shared server). A benchmark, never a timed test: figures
+vary with the machine's load, ratios measured in the same run much less.
 """
 
 from __future__ import annotations
