@@ -228,10 +228,10 @@ def measure_contention(db: BenchDatabase, rate: float = 200.0, seconds: float = 
     return [measure_latency(db, [(rate, seconds)], [], contention=kind)[0] for kind in ct.KINDS]
 
 
-def print_latency(items: list[Latency], dead: bool = False) -> None:
+def print_latency(items: list[Latency], dead: bool = False, indent: str = "  ") -> None:
     for item in items:
         where = f"{item.contention:<20} " if item.contention else ""
-        print(f"  {where}{item.rate:>5.0f} msg/s ({item.send_rate:.0f} achieved, {item.sent} msgs): "
+        print(f"{indent}{where}{item.rate:>5.0f} msg/s ({item.send_rate:.0f} achieved, {item.sent} msgs): "
               f"p50 {item.p50_ms:7.1f} ms  p99 {item.p99_ms:8.1f} ms  max {item.max_ms:8.0f} ms"
               + (f"  dead/msg {item.dead_per_msg:.2f}" if dead else "")
               + ("" if item.seen == item.sent else f"  ({item.sent - item.seen} never seen)"))

@@ -157,7 +157,7 @@ def main() -> None:
         if args.dsn is None:
             print("  latency under contention (200 msg/s, genesis-consume defaults):", flush=True)
             contended = lat.measure_contention(db)
-            lat.print_latency(contended, dead=True)
+            lat.print_latency(contended, dead=True, indent="    ")
         else:
             print("  latency under contention: skipped (--dsn; it opens an idle-in-transaction session, "
                   "only ever on the bench's own server)", flush=True)
