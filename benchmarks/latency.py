@@ -223,8 +223,7 @@ def _run_phases(db: BenchDatabase, phases: list[tuple[float, float]], consumer_a
 
 def measure_contention(db: BenchDatabase, rate: float = 200.0, seconds: float = 30.0) -> list[Latency]:
     """The steady rate beside each kind of contention.KINDS in turn, one consumer run each (defaults).
-    30 s, not 10: the dead rows an idle transaction keeps pile up, so its cost grows the longer it
-    is held (p99 about 45 ms after 10 s, 90 ms after 30 s, on a 2-core machine)."""
+    30 s, not a few: the dead rows an idle transaction keeps pile up, so a short run understates it."""
     return [measure_latency(db, [(rate, seconds)], [], contention=kind)[0] for kind in ct.KINDS]
 
 
