@@ -15,10 +15,19 @@ reads the results it has not seen yet (with their requests' `sent_at`, from the 
 the same transaction) and stamps them with the wall clock when its read returned: an upper bound
 on the commit time, by one small query. The envelope's `finished_at` and pgmq's `enqueued_at` are
 not used: both are taken before the commit. Both clocks are the host's realtime clock.
+
+Under contention (benchmarks/contention.py: an idle-in-transaction session, or analytic readers
+holding the xmin horizon back) the same measurement runs with those sessions open on the database
+from before the consumer starts until its results are all seen; then also dead tuples per message
+(updates + deletes of every table over the consumer's run, as the throughput rows count them).
+Alone, always on a throwaway server of the bench's own (never a shared one: see contention.py):
+
+    python -m benchmarks.latency [--contention] [--rate 200] [--seconds 10]
 """
 
 from __future__ import annotations
 
+import argparse
 import signal
 import tempfile
 import threading
@@ -28,9 +37,14 @@ from pathlib import Path
 
 import psycopg
 
+from benchmarks import contention as ct
 from benchmarks.pipelines import RESULTS, BenchDatabase, Q, reap, start_consumer
 
 CHANNEL = f"pgmq.q_{RESULTS}.INSERT"
+# issue 9's targets under contention, at 200 msg/s; pgmq's own dead tuples per message: a read's
+# update and an archive's delete
+CONTENTION_P99_MS = 100.0
+PGMQ_DEAD_PER_MSG = 2.0
 
 
 @dataclass
@@ -42,6 +56,8 @@ class Latency:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    contention: str | None = None
+    dead_per_msg: float = float("nan")     # over the consumer's whole run (every phase, warm-up included)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -140,18 +156,41 @@ def _wait_seen(observer: CommitObserver, ids: range, timeout: float) -> list[flo
 
 
 def measure_latency(db: BenchDatabase, phases: list[tuple[float, float]], consumer_args: list[str],
-                    drain_timeout: float = 180.0) -> list[Latency]:
+                    drain_timeout: float = 180.0, contention: str | None = None) -> list[Latency]:
     """One consumer process; for each (rate msg/s, seconds) phase a steady send, then a wait until
-    every result of the phase is seen (so phases do not overlap)."""
+    every result of the phase is seen (so phases do not overlap). contention: a kind of
+    contention.KINDS, held from before the consumer starts until it has stopped."""
     db.reset()
     db.execute(PRODUCE)
     db.execute(f"CREATE TRIGGER bench_commit_seen AFTER INSERT ON pgmq.q_{RESULTS} "
                "FOR EACH STATEMENT EXECUTE FUNCTION genesis.notify_queue_insert()")
     db.settle()
+    try:
+        with ct.holding(db, contention):
+            # dead tuples counted once every session that wrote has ended (its statistics
+            # reported); the contention's sessions only read
+            db.wait_idle(spare_application=ct.APPLICATION)
+            dead_before = db.dead_tuples()
+            results, sent = _run_phases(db, phases, consumer_args, drain_timeout)
+            db.wait_idle(spare_application=ct.APPLICATION)
+            dead = db.dead_tuples() - dead_before
+    finally:
+        db.execute(f"DROP TRIGGER bench_commit_seen ON pgmq.q_{RESULTS}")
+    for item in results:
+        item.contention = contention
+        item.dead_per_msg = dead / sent if sent else float("nan")
+    return results
+
+
+def _run_phases(db: BenchDatabase, phases: list[tuple[float, float]], consumer_args: list[str],
+                drain_timeout: float) -> tuple[list[Latency], int]:
+    """The phases through one consumer, with the warm-up before them; the Latency of each phase
+    and the count of messages sent in all."""
     observer = CommitObserver(db.dsn)
     observer.start()
     observer.ready.wait(10)
     results: list[Latency] = []
+    sent = 0
     with tempfile.TemporaryDirectory(prefix="genesis-bench-latency-") as tmp:
         home = Path(tmp)
         proc = start_consumer(db.dsn, home, consumer_args, home / "consumer.log")
@@ -160,6 +199,7 @@ def measure_latency(db: BenchDatabase, phases: list[tuple[float, float]], consum
                 conn.execute("SET synchronous_commit = off")
                 # warm-up: the consumer has started, connected and read once when these come back
                 warm, _ = _produce(conn, 20, 0.5, 10_000_000)
+                sent += len(warm)
                 if len(_wait_seen(observer, warm, 60)) < len(warm):
                     raise RuntimeError("latency: the consumer answered no warm-up message in 60 s\n"
                                        + (home / "consumer.log").read_text(errors="replace")[-3000:])
@@ -167,13 +207,74 @@ def measure_latency(db: BenchDatabase, phases: list[tuple[float, float]], consum
                 for rate, seconds in phases:
                     ids, send_rate = _produce(conn, rate, seconds, first)
                     first += len(ids)
+                    sent += len(ids)
                     lat = _wait_seen(observer, ids, drain_timeout)
                     results.append(Latency(rate, len(ids), send_rate, len(lat), percentile(lat, 50),
                                            percentile(lat, 99), max(lat, default=float("nan"))))
         finally:
             proc.send_signal(signal.SIGTERM)
-            reap(proc, 60)
-            observer.stop.set()
-            observer.join()
-            db.execute(f"DROP TRIGGER bench_commit_seen ON pgmq.q_{RESULTS}")
-    return results
+            try:
+                reap(proc, 60)
+            finally:
+                observer.stop.set()
+                observer.join()
+    return results, sent
+
+
+def measure_contention(db: BenchDatabase, rate: float = 200.0, seconds: float = 30.0) -> list[Latency]:
+    """The steady rate beside each kind of contention.KINDS in turn, one consumer run each (defaults).
+    30 s, not a few: the dead rows an idle transaction keeps pile up, so a short run understates it."""
+    return [measure_latency(db, [(rate, seconds)], [], contention=kind)[0] for kind in ct.KINDS]
+
+
+def print_latency(items: list[Latency], dead: bool = False, indent: str = "  ") -> None:
+    for item in items:
+        where = f"{item.contention:<20} " if item.contention else ""
+        print(f"{indent}{where}{item.rate:>5.0f} msg/s ({item.send_rate:.0f} achieved, {item.sent} msgs): "
+              f"p50 {item.p50_ms:7.1f} ms  p99 {item.p99_ms:8.1f} ms  max {item.max_ms:8.0f} ms"
+              + (f"  dead/msg {item.dead_per_msg:.2f}" if dead else "")
+              + ("" if item.seen == item.sent else f"  ({item.sent - item.seen} never seen)"))
+
+
+def contention_targets(items: list[Latency], floor_dead: float,
+                       floor_name: str) -> list[tuple[str, str, bool | None]]:
+    """Issue 9's rows under contention: pickup p99 (every message seen) and dead tuples per message
+    against pgmq's own (floor_dead, measured in the same run where there is one)."""
+    targets: list[tuple[str, str, bool | None]] = []
+    for item in items:
+        unseen = item.sent - item.seen
+        targets.append((f"pickup p99 <= {CONTENTION_P99_MS:.0f} ms at {item.rate:.0f} msg/s, {item.contention}",
+                        f"{item.p99_ms:.1f} ms" + (f", {unseen} unseen" if unseen else ""),
+                        item.p99_ms <= CONTENTION_P99_MS and not unseen))
+    for item in items:
+        targets.append((f"dead tuples/msg <= pgmq's own, {item.contention}",
+                        f"{item.dead_per_msg:.2f} vs {floor_dead:.2f} ({floor_name})",
+                        item.dead_per_msg <= floor_dead + 0.01))
+    return targets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contention", action="store_true",
+                        help="also beside an idle-in-transaction session and beside 2 analytic readers")
+    parser.add_argument("--rate", type=float, default=200.0, help="msg/s, steady (default 200)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="of steady sending per run (default 30)")
+    args = parser.parse_args()
+    # run.py imports this module: its server set-up and verdicts are imported here, when run alone
+    from benchmarks.run import bench_database, verdict
+
+    with bench_database(None) as (db, where):
+        print(f"latency: {where}, genesis-consume defaults, NOTIFY wake-up on", flush=True)
+        items = measure_latency(db, [(args.rate, args.seconds)], [])
+        if args.contention:
+            items += measure_contention(db, args.rate, args.seconds)
+    print("\nlatency, pgmq.send -> result committed (seen by a LISTENing session); dead/msg over each consumer run:")
+    print_latency(items, dead=True)
+    if args.contention:
+        print("\ntargets (issue 9), this run:")
+        for name, figure, met in contention_targets(items[1:], PGMQ_DEAD_PER_MSG, "pgmq: read + archive"):
+            print(f"  {name:<58} {figure:<42} {verdict(met)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -84,14 +84,15 @@ class BenchDatabase:
             conn.execute("VACUUM ANALYZE")
             conn.execute("CHECKPOINT")
 
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        """Until no other session is on the database: a session's statistics reach the counters
-        when it ends."""
+    def wait_idle(self, timeout: float = 30.0, spare_application: str | None = None) -> None:
+        """Until no other session is on the database (but those of spare_application, which make
+        no writes): a session's statistics reach the counters when it ends."""
         deadline = time.monotonic() + timeout
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
             while time.monotonic() < deadline:
-                row = conn.execute("SELECT count(*) FROM pg_stat_activity "
-                                   "WHERE datname = %s AND pid <> pg_backend_pid()", (self.name,)).fetchone()
+                row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                                   "AND pid <> pg_backend_pid() AND application_name IS DISTINCT FROM %s::text",
+                                   (self.name, spare_application)).fetchone()
                 if row is not None and row[0] == 0:
                     return
                 time.sleep(0.05)
@@ -104,11 +105,14 @@ class BenchDatabase:
             row = conn.execute("SELECT xact_commit, pg_current_wal_lsn() - '0/0'::pg_lsn FROM pg_stat_database "
                                "WHERE datname = %s", (self.name,)).fetchone()
         assert row is not None
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            dead = conn.execute("SELECT coalesce(sum(n_tup_upd + n_tup_del), 0) FROM pg_stat_all_tables "
-                                "WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')").fetchone()
-        assert dead is not None
-        return {"commits": int(row[0]), "wal": int(row[1]), "dead": int(dead[0])}
+        return {"commits": int(row[0]), "wal": int(row[1]), "dead": self.dead_tuples()}
+
+    def dead_tuples(self) -> int:
+        """Dead tuples made so far: updates + deletes of every table, as far as the sessions that
+        made them have reported (see wait_idle)."""
+        rows = self.execute("SELECT coalesce(sum(n_tup_upd + n_tup_del), 0) FROM pg_stat_all_tables "
+                            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')")
+        return int(rows[0][0])
 
     @contextmanager
     def costs(self, figures_out: list[Figures]) -> Iterator[None]:

@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.hotspots import own_time  # noqa: E402
-from benchmarks.latency import percentile  # noqa: E402
+from benchmarks.latency import Latency, contention_targets, percentile  # noqa: E402
 from benchmarks.pipelines import Figures  # noqa: E402
 from benchmarks.run import Report, verdict  # noqa: E402
 
@@ -57,3 +57,12 @@ def test_own_time_counts_the_innermost_frame_only() -> None:
 
 def test_verdicts() -> None:
     assert (verdict(True), verdict(False), verdict(None)) == ("met", "NOT MET", "n/a")
+
+
+def test_contention_targets_need_every_message_seen_and_pgmqs_dead_tuples() -> None:
+    fast_but_lossy = Latency(200, 2000, 200, 1990, 10.0, 40.0, 60.0, "idle in transaction", dead_per_msg=2.0)
+    slow = Latency(200, 2000, 200, 2000, 50.0, 150.0, 300.0, "2 analytic readers", dead_per_msg=3.0)
+    targets = contention_targets([fast_but_lossy, slow], 2.0, "pgmq")
+    assert [met for _, _, met in targets] == [False, False, True, False]
+    assert "10 unseen" in targets[0][1]
+    assert targets[2][0].endswith("idle in transaction")
