@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from genesis_pgflow.dispatcher import Dispatcher, Task
-from genesis_pgflow.handlers.base import WorkContext
+from genesis_pgflow.handlers.base import LazyEvent, WorkContext
 from genesis_pgflow.messages import Outcome, ReadMessage
 
 DEADLINE_SCAN_S = 0.02      # how often running jobs are checked against their deadlines
@@ -31,7 +31,7 @@ class Job:
     finished_at: float | None = None
     outcome: Outcome | None = None          # None: cancelled before it started
     error: BaseException | None = None      # what the dispatcher itself raised, if anything
-    returned: threading.Event = field(default_factory=threading.Event)   # its worker is done with it
+    returned: threading.Event = field(default_factory=LazyEvent)   # its worker is done with it
 
     @property
     def key(self) -> tuple[str, int]:
