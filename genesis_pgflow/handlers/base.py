@@ -11,7 +11,6 @@ from typing import Any, Protocol
 from genesis_pgflow.errors import WorkflowTimeout
 from genesis_pgflow.messages import Deferred, Payload
 
-
 _LAZY = threading.Lock()
 
 
