@@ -28,8 +28,15 @@ pytestmark = pytest.mark.sandbox
 
 
 @pytest.fixture(scope="module")
-def tools() -> Toolchain:
-    return Toolchain(Sandbox(Limits(wall_s=60)))
+def verdict_sandbox() -> Sandbox:
+    return Sandbox(Limits(wall_s=60))
+
+
+@pytest.fixture
+def tools(verdict_sandbox: Sandbox) -> Toolchain:
+    # one per test: a toolchain's deadline is 30 s from when it is made, and a module of these
+    # tests on a busy machine takes longer than that
+    return Toolchain(verdict_sandbox)
 
 
 def code(text: str) -> str:
