@@ -44,7 +44,7 @@ class HeldWrites(MemoryQueueStore):
             raise REFUSED
         if self.hold.is_set():
             self.writing.set()
-            self.gate.wait(30)
+            self.gate.wait(120)
             self.writing.clear()
         self.writes.append(len(outcomes))
         return super().complete(outcomes)
@@ -75,6 +75,8 @@ def test_the_next_batch_is_read_while_the_last_one_is_written():
         store.send(Q, rule(i))
     store.hold.set()
     consumer = consumer_for(store)
+    # backpressure apart (tested below): with two batches unwritten the producer would rightly wait
+    consumer.producer.max_backlog = 10**6
     thread = running(consumer)
     try:
         wait_until(lambda: store.reads_while_writing > 0, what="a read during a held write")
