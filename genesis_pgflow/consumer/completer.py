@@ -40,6 +40,8 @@ class Stats:
 
 
 class Completer:
+    """Holds finished outcomes until they are due, then stores them (see the module docstring)."""
+
     def __init__(self, store: QueueStore, dispatcher: Dispatcher, outage: Outage, *, batch_size: int,
                  flush_after_s: float, monotonic: Callable[[], float], on_written: Callable[[], None],
                  more_coming: Callable[[], bool] = lambda: True):
