@@ -20,45 +20,58 @@ pytestmark = [pytest.mark.faults, pytest.mark.db]
 FAST = ("--poll-interval-ms", "100", "--no-migrate")
 
 
+def _sleeping_test(seconds: float, ident: str) -> dict:
+    code = f"import time\n\n\ndef test_sleeps():\n    time.sleep({seconds})\n    assert True\n"
+    return {"type": "code_execution_request", "id": ident, "language": "python", "analysis_type": "testing",
+            "code": code, "timeout_ms": 120_000}
+
+
+@pytest.mark.sandbox
 @pytest.mark.slow
 def test_a_stalled_consumer_loses_its_lease_to_another_and_nothing_is_answered_twice(
         fault_db: FaultDb, consumers: Consumers, genesis_home) -> None:
-    """Consumer A is frozen (SIGSTOP: a GC pause, a stalled VM) while it holds leases, so it cannot
-    renew them; they expire and consumer B answers those requests. When A thaws, its late
-    outcomes must not publish a second result."""
-    # enough that A, which answers a batch of 100 in a few milliseconds, is still under way when frozen
-    ids = fault_db.send_rules(4000)
-    env = cli_env(genesis_home, fault_db.dsn, GENESIS_LEASE_S="2")
-    a = consumers.start(*FAST, "--queues", RULES, "--parallel", "4", "--batch-size", "100", env=env)
-    wait_until(lambda: fault_db.answered() >= 50, timeout=120, what="A to be under way")
+    """Consumer A is frozen (SIGSTOP: a GC pause, a stalled VM) while its handlers run, so it cannot
+    renew their leases; they expire and consumer B answers those requests. When A thaws, its late
+    outcomes must not publish a second result.
 
-    def frozen_holding_leases() -> bool:
-        """Frozen outside any transaction on the queue: one frozen inside holds its row locks too,
-        and pgmq.read skips locked rows, so nobody could take those messages whatever the lease.
-        (Its handlers' own transactions on other tables do not matter here.)"""
+    The requests are sandboxed tests that sleep, so A holds their leases for seconds with no
+    transaction open: a gate the test controls, where fast rule updates left A holding leases only
+    for moments the test had to catch."""
+    ids = fault_db.send(CODE, [_sleeping_test(6, f"stalled-{i}") for i in range(2)])
+    env = cli_env(genesis_home, fault_db.dsn, GENESIS_LEASE_S="2")
+    a = consumers.start(*FAST, "--queues", CODE, "--parallel", "2", "--timeout-ms", "120000", env=env)
+    wait_until(lambda: fault_db.held(CODE) == 2 and any("pytest" in p.cmdline for p in a.descendants()),
+               timeout=120, what="A to run the sandboxed tests")
+
+    def frozen_outside_a_transaction() -> bool:
+        """Frozen inside a transaction on the queue (renewing its leases, or polling), A would hold
+        row locks that pgmq.read skips, so nobody could take those messages whatever the lease."""
         a.signal(signal.SIGSTOP)
         queue_locked = fault_db.scalar(
             "SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND pid <> pg_backend_pid()",
-            (f"pgmq.q_{RULES}",))
-        if fault_db.held() > 0 and queue_locked == 0:
+            (f"pgmq.q_{CODE}",))
+        if queue_locked == 0:
             return True
-        a.signal(signal.SIGCONT)          # between batches or inside a transaction: again in a moment
+        a.signal(signal.SIGCONT)          # inside a transaction: again in a moment
         return False
-    wait_until(frozen_holding_leases, timeout=120, interval=0.05, what="A frozen while holding leases")
-    held = fault_db.sql(f"SELECT msg_id FROM pgmq.q_{RULES} WHERE vt > clock_timestamp()")
-    stolen = {r["msg_id"] for r in held}
-
-    b = consumers.start(*FAST, "--queues", RULES, "--parallel", "4", env=env)
-    fault_db.wait_answered(sorted(stolen), timeout=150)       # after A's leases ran out
-    a.signal(signal.SIGCONT)
-    fault_db.wait_answered(ids, timeout=180)
+    wait_until(frozen_outside_a_transaction, timeout=60, interval=0.05, what="A frozen outside a transaction")
+    try:
+        b = consumers.start(*FAST, "--queues", CODE, "--parallel", "2", "--timeout-ms", "120000", env=env)
+        fault_db.wait_answered(ids, CODE_RESULTS, timeout=180)       # after A's leases ran out
+    finally:
+        a.signal(signal.SIGCONT)
+    # thawed, A finishes its runs and finds B has answered them: it sends nothing
+    wait_until(lambda: "finished elsewhere (lease lost)" in a.stderr(), timeout=120,
+               what="A to find its outcomes late")
     for consumer in (a, b):
         consumer.signal(signal.SIGTERM)
         assert consumer.wait(timeout=60) == 0, consumer.stderr()
 
-    by = {m["request"]["msg_id"]: m for m in fault_db.results()}
-    assert all(by[i]["consumer"].endswith(f":{b.pid}") for i in stolen), "B answered what A had held"
-    assert all(by[i]["request"]["attempt"] >= 2 for i in stolen)
+    results = fault_db.results(CODE_RESULTS)
+    assert sorted(r["request"]["msg_id"] for r in results) == sorted(ids), "one result per request"
+    assert all(r["consumer"].endswith(f":{b.pid}") for r in results), "B answered what A had held"
+    assert all(r["request"]["attempt"] >= 2 for r in results)
+    assert all(r["status"] == "completed" for r in results), results
     fault_db.check()
 
 
@@ -123,12 +136,6 @@ def test_connections_stay_within_parallel_plus_3_and_no_transaction_idles(
         f"{r['application_name']!r} {r['state']}: {r['query']}" for r in sampler.at_peak)
     assert sampler.long_idle_in_transaction == []
     fault_db.check()
-
-
-def _sleeping_test(seconds: float, ident: str) -> dict:
-    code = f"import time\n\n\ndef test_sleeps():\n    time.sleep({seconds})\n    assert True\n"
-    return {"type": "code_execution_request", "id": ident, "language": "python", "analysis_type": "testing",
-            "code": code, "timeout_ms": 120_000}
 
 
 @pytest.mark.sandbox
