@@ -144,7 +144,8 @@ class PgQueueStore:
         params = {"queue": queue, "qty": qty, "lease_s": lease_s, "consumer": self.consumer,
                   "max_type_chars": MAX_TYPE_CHARS, **self._limit_params()}
         try:
-            rows = self.db.run(lambda conn: conn.execute(sql("read_batch"), params).fetchall())
+            # one statement (the lease and the run records), so its own transaction: one round trip
+            rows = self.db.run(lambda conn: conn.execute(sql("read_batch"), params).fetchall(), single=True)
         except StoreError as exc:
             if _server_away(exc):
                 raise

@@ -219,6 +219,31 @@ def test_the_dsn_overrides_the_session_defaults(db_dsn):
     assert row == {"st": "3s", "name": "mine"}
 
 
+def test_a_single_statement_runs_alone_and_the_next_caller_still_gets_a_transaction(db_dsn):
+    """run(single=True) skips BEGIN and COMMIT (the read's one statement, one round trip); the
+    connection goes back to its pool transactional, even after the statement failed."""
+    table = f"single_{uuid.uuid4().hex[:8]}"
+    _sql(db_dsn, f"CREATE TABLE {table} (n int)")
+    try:
+        with Database(db_dsn, max_size=1, retry_for_s=0) as db:       # one connection: the same session
+            assert db.run(lambda conn: conn.execute("SELECT pg_current_xact_id_if_assigned() IS NULL AS none, "
+                                                    "now() = statement_timestamp() AS alone").fetchone(),
+                          single=True) == {"none": True, "alone": True}
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                db.run(lambda conn: conn.execute("SELECT 1 / 0"), single=True)
+
+            def insert_then_fail(conn):
+                conn.execute(f"INSERT INTO {table} VALUES (1)")
+                raise RuntimeError("after the insert")
+            with pytest.raises(RuntimeError):
+                db.run(insert_then_fail)
+            # rolled back: the insert was inside a transaction, not committed on its own
+            assert db.run(lambda conn: conn.execute(f"SELECT count(*) AS n FROM {table}").fetchone()) == {"n": 0}
+            assert db.run(lambda conn: conn.autocommit) is False
+    finally:
+        _sql(db_dsn, f"DROP TABLE {table}")
+
+
 def test_a_slow_statement_is_cancelled_by_the_server_and_is_transient(db_dsn):
     with Database(db_dsn, statement_timeout_s=0.2, retry_for_s=0) as db:
         with pytest.raises(psycopg.errors.QueryCanceled) as raised:
