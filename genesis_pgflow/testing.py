@@ -9,6 +9,7 @@ import datetime as dt
 import itertools
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,8 @@ class MemoryQueueStore:
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)
+        self._sends: Counter[str] = Counter()       # per queue: what wait_for_messages hears of
+        self._listening = threading.local()
         self._control_changed = threading.Condition(self._lock)
         self._control_version = 0
         self._control_heard = 0
@@ -185,10 +188,22 @@ class MemoryQueueStore:
                     run = self.runs[(queue, msg_id)]
                     run.update(status="pending", attempts=max(0, run.get("attempts", 1) - 1))
 
-    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
+    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> set[str]:
+        """As a LISTEN connection per calling thread: every queue the first time (just listening),
+        then the queues sent to since that thread's last call."""
         self._fail()
         with self._arrived:
-            return self._arrived.wait(min(timeout_s, 0.05))
+            seen: dict[str, int] | None = getattr(self._listening, "seen", None)
+            if seen is None:
+                self._listening.seen = {q: self._sends[q] for q in queues}
+                return set(queues)
+
+            def news() -> set[str]:
+                return {q for q in queues if self._sends[q] != seen.get(q, 0)}
+            self._arrived.wait_for(lambda: bool(news()), min(timeout_s, 0.05))
+            heard = news()
+            seen.update({q: self._sends[q] for q in heard})
+            return heard
 
     def send(self, queue: str, body: Any, headers: Any = None) -> int:
         with self._lock:
@@ -197,6 +212,7 @@ class MemoryQueueStore:
     def _send(self, queue: str, body: Any, headers: Any = None) -> int:
         msg_id = next(self._ids)
         self.queues[queue][msg_id] = _Stored(msg_id, body, self._now_utc(), self.clock(), headers=headers)
+        self._sends[queue] += 1
         self._arrived.notify_all()
         return msg_id
 

@@ -66,7 +66,7 @@ class Consumer:
         self.completer = Completer(store, dispatcher, self.outage, batch_size=options.batch_size,
                                    flush_after_s=options.flush_after_s, monotonic=monotonic,
                                    on_written=self.wakeup.set, more_coming=lambda: bool(self.executor.running))
-        self.producer = Producer(store, dispatcher, self.executor, self.completer, options)
+        self.producer = Producer(store, dispatcher, self.executor, self.completer, options, monotonic)
         self.last_iteration: float | None = None      # read by /healthz: the loop is alive
         self._next_renewal = monotonic() + options.lease_s / 3
         self._next_report = monotonic() + options.report_every_s
@@ -335,6 +335,7 @@ class Consumer:
         failures = 0
         while not self.stopping.is_set():
             if self.outage.down:
+                self.producer.listening = False     # what is notified meanwhile may go unheard
                 self.stopping.wait(LISTEN_SLICE_S)
                 continue
             try:
@@ -342,6 +343,7 @@ class Consumer:
                 woke = self.store.wait_for_messages(self.options.queues,
                                                     timeout_s=min(self.options.poll_interval_s, LISTEN_SLICE_S))
             except Exception as exc:  # noqa: BLE001 - polling is the fallback; the loop reports outages
+                self.producer.listening = False     # nothing tells of new messages: read every queue every turn
                 failures += 1
                 if failures == 1:
                     log.info("LISTEN connection lost (%s); polling until it is back", first_line(exc))
@@ -351,7 +353,9 @@ class Consumer:
                 log.info("LISTEN connection back after %d failed attempt(s)", failures)
                 failures = 0
             if woke:
+                self.producer.notified(woke)
                 self.wakeup.set()
+            self.producer.listening = True
 
     def _run_periodic(self, name: str, interval: float, job: Callable[[], object]) -> None:
         """Run one periodic job every interval (the first time after a random tenth of it) until stop."""

@@ -63,7 +63,7 @@ class PgControlStore:
 
     def wait_for_control(self, timeout_s: float) -> bool:
         """True on a NOTIFY, or when the channel was just opened (what came before was not heard)."""
-        return self._listener.wait([CHANNEL], timeout_s)
+        return bool(self._listener.wait([CHANNEL], timeout_s))
 
     def close(self) -> None:
         self._listener.close()

@@ -419,17 +419,19 @@ class Listener:
         self._channels, self._generation = wanted, generation
         return conn, True
 
-    def wait(self, channels: Sequence[str], timeout_s: float) -> bool:
-        """True on a notification, or when the channels were just listened to again (whatever was
-        notified before was not heard: look now); False after timeout_s of silence. A database
-        error closes the connection (the next call opens a new one) and propagates."""
+    def wait(self, channels: Sequence[str], timeout_s: float) -> set[str]:
+        """The channels notified (the first notification, and any that came with it), or every
+        channel when they were just listened to again (whatever was notified before was not
+        heard: look now); empty after timeout_s of silence. A database error closes the
+        connection (the next call opens a new one) and propagates."""
         try:
             conn, fresh = self.connection(channels)
             if fresh:
-                return True
-            for _ in conn.notifies(timeout=max(timeout_s, 0.0), stop_after=1):
-                return True
-            return False
+                return set(channels)
+            heard = {n.channel for n in conn.notifies(timeout=max(timeout_s, 0.0), stop_after=1)}
+            if heard:       # and what else has arrived by now, without waiting
+                heard.update(n.channel for n in conn.notifies(timeout=0.0))
+            return heard
         except psycopg.Error:
             self.close()
             raise

@@ -61,9 +61,11 @@ class QueueStore(Protocol):
         the read that leased them not counted as an attempt. With read_cts, only the messages
         still held by those reads (a lease lost meanwhile is someone else's now)."""
 
-    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
-        """Block until a message may have arrived in one of the queues, or timeout; True if woken.
-        Raises StoreError when it cannot listen (the caller backs off and polls meanwhile)."""
+    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> set[str]:
+        """Block until a message may have arrived in one of the queues, or timeout; returns the
+        queues that may have new messages (every one when the listening has just begun: what came
+        before was not heard), empty on timeout. Raises StoreError when it cannot listen (the
+        caller backs off and polls meanwhile)."""
 
     def send(self, queue: str, body: Any, headers: Any = None) -> int:
         """Enqueue one message, with pgmq headers if given."""
@@ -264,10 +266,11 @@ class PgQueueStore:
 
     # --- waking on NOTIFY -----------------------------------------------------------------
 
-    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> bool:
+    def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> set[str]:
         """LISTEN on the insert channels (`pgmq.q_<queue>.INSERT`, see schema.py) on a connection
         of its own (store.database.Listener), opened again whenever the pool has been dropped since."""
-        return self._listener.wait([f"pgmq.q_{queue}.INSERT" for queue in queues], timeout_s)
+        channels = {f"pgmq.q_{queue}.INSERT": queue for queue in queues}
+        return {channels[c] for c in self._listener.wait(list(channels), timeout_s) if c in channels}
 
     # --- producers and operators ----------------------------------------------------------
 
