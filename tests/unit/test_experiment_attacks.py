@@ -66,14 +66,24 @@ def contents(*roots: Path) -> dict[str, bytes]:
 
 
 def disk_bytes(root: Path) -> int:
-    """Bytes of the regular files under root on root's own file system (mounts below not entered)."""
+    """Bytes of the regular files under root on root's own file system (mounts below not entered).
+    Taken while a run writes and removes its scratch: what vanishes between the listing and the
+    look is no longer on disk, so it counts nothing."""
     device, total = root.stat().st_dev, 0
     for directory, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if os.lstat(os.path.join(directory, d)).st_dev == device]
+        dirnames[:] = [d for d in dirnames if (info := _lstat(os.path.join(directory, d))) is not None
+                       and info.st_dev == device]
         for name in filenames:
-            info = os.lstat(os.path.join(directory, name))
-            total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+            info = _lstat(os.path.join(directory, name))
+            total += info.st_size if info is not None and stat.S_ISREG(info.st_mode) else 0
     return total
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
 
 
 def mounted_bytes(path: Path) -> int:
