@@ -580,6 +580,16 @@ class Deferred:
 
 
 @dataclass(frozen=True)
+class RunStart:
+    """A run still going, to be recorded as running: its message (as the read that holds it
+    leased it), its workflow id and when it started."""
+
+    message: ReadMessage
+    workflow_id: str
+    started_at: dt.datetime
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What became of one attempt at one message; the consumer turns it into store calls.
 

@@ -17,6 +17,7 @@ from typing import Any
 from genesis_pgflow.messages import (
     Outcome,
     ReadMessage,
+    RunStart,
     all_queue_names,
     dead_letter_headers,
     dead_letter_queue,
@@ -128,8 +129,6 @@ class MemoryQueueStore:
             for m in visible:
                 m.vt = now + lease_s
                 m.read_ct += 1
-                run = self.runs.setdefault((queue, m.msg_id), {})
-                run.update(status="running", attempts=m.read_ct, type=_type(m.body), consumer=self.consumer)
                 out.append(ReadMessage(queue, m.msg_id, m.read_ct, m.enqueued_at, m.body, m.headers))
             return out
 
@@ -148,8 +147,9 @@ class MemoryQueueStore:
                 self._send(destination, envelope(o, self.consumer), request_headers(o))
                 if o.kind == "dead_letter":
                     self._send(dead_letter_queue(o.message.queue), o.message.body, dead_letter_headers(o))
-                self.runs[(o.message.queue, o.message.msg_id)].update(
+                self.runs.setdefault((o.message.queue, o.message.msg_id), {}).update(
                     status=o.status, workflow_id=o.workflow_id, attempts=o.message.read_ct,
+                    type=_type(o.message.body), consumer=self.consumer,
                     error=o.error.as_json() if o.error and o.kind != "completed" else None,
                     result=redact(o.result) if o.kind == "completed" else None)
                 applied.append(o)
@@ -162,8 +162,23 @@ class MemoryQueueStore:
                 stored = self.queues[o.message.queue].get(o.message.msg_id)
                 if stored is not None and stored.read_ct == o.message.read_ct:
                     stored.vt = self.clock() + o.retry_after_s
-                    self.runs[(o.message.queue, o.message.msg_id)].update(
-                        status="pending", error=o.error.as_json() if o.error else None)
+                    run = self.runs.setdefault((o.message.queue, o.message.msg_id), {})
+                    if run.get("status") not in ("completed", "failed"):
+                        run.update(status="pending", attempts=o.message.read_ct, type=_type(o.message.body),
+                                   consumer=self.consumer, error=o.error.as_json() if o.error else None)
+
+    def record_running(self, runs: Sequence[RunStart]) -> None:
+        self._fail()
+        with self._lock:
+            for r in runs:
+                stored = self.queues[r.message.queue].get(r.message.msg_id)
+                run = self.runs.get((r.message.queue, r.message.msg_id), {})
+                if (stored is None or stored.read_ct != r.message.read_ct
+                        or run.get("status") in ("completed", "failed") or run.get("attempts", 0) > r.message.read_ct):
+                    continue
+                self.runs[(r.message.queue, r.message.msg_id)] = {
+                    **run, "status": "running", "attempts": r.message.read_ct, "type": _type(r.message.body),
+                    "consumer": self.consumer, "error": None}
 
     def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:
         self._fail()
@@ -185,8 +200,9 @@ class MemoryQueueStore:
                         and read_ct in (None, stored.read_ct)):
                     stored.vt = self.clock()
                     stored.read_ct = max(0, stored.read_ct - 1)
-                    run = self.runs[(queue, msg_id)]
-                    run.update(status="pending", attempts=max(0, run.get("attempts", 1) - 1))
+                    run = self.runs.get((queue, msg_id))
+                    if run is not None and run.get("status") == "running":
+                        run.update(status="pending", attempts=max(0, run.get("attempts", 1) - 1))
 
     def wait_for_messages(self, queues: Sequence[str], timeout_s: float) -> set[str]:
         """As a LISTEN connection per calling thread: every queue the first time (just listening),

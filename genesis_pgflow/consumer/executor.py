@@ -27,6 +27,8 @@ class Job:
 
     task: Task
     ctx: WorkContext
+    queued_at: float = 0.0                  # when the loop took it (monotonic): it is held from then
+    recorded: bool = False                  # its run has been recorded `running`
     started_at: float | None = None
     finished_at: float | None = None
     outcome: Outcome | None = None          # None: cancelled before it started
@@ -99,7 +101,7 @@ class Executor:
     def start(self, task: Task) -> None:
         ctx = self.dispatcher.context(task, float("inf"))
         ctx.monotonic = self.monotonic
-        job = Job(task, ctx)
+        job = Job(task, ctx, queued_at=self.monotonic())
         self.running[job.key] = job
         self.pool.submit(job)
 
@@ -145,6 +147,23 @@ class Executor:
                 self.overrun.add(job)
                 outcomes.append(self.dispatcher.timed_out(job.task))
         return outcomes
+
+    def unrecorded(self, held_s: float) -> list[Job]:
+        """The jobs held at least held_s whose run is not yet recorded `running`. Jobs are kept in
+        the order they were taken, so this stops at the first that is not due."""
+        now = self.monotonic()
+        due: list[Job] = []
+        for job in self.running.values():
+            if job.recorded:
+                continue
+            if now - job.queued_at < held_s:
+                break
+            due.append(job)
+        return due
+
+    def next_record(self, held_s: float) -> float:
+        """When the oldest job whose run is not recorded will have been held held_s (inf: none)."""
+        return next((job.queued_at + held_s for job in self.running.values() if not job.recorded), float("inf"))
 
     def next_deadline(self) -> float:
         """The earliest deadline of a running job (inf if none)."""

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from genesis_pgflow.dispatcher import Dispatcher
 from genesis_pgflow.errors import DatabaseUnavailable
-from genesis_pgflow.messages import Outcome, ReadMessage
+from genesis_pgflow.messages import Outcome, ReadMessage, RunStart
 from genesis_pgflow.store.control import Command, ControlState, ControlStore
 from genesis_pgflow.store.database import StoreError, first_line, is_transient
 from genesis_pgflow.store.queue import QueueStore
@@ -135,6 +135,17 @@ class Consumer:
             for msg_id in sorted(lost):
                 log.warning("message %s/%s left its queue while held here", queue_name, msg_id)
 
+    def record_running(self) -> None:
+        """Record `running` the runs held longer than record_running_after_s. A run that ends
+        sooner (most do) is written once, when it ends: no write at the read, no dead row."""
+        due = self.executor.unrecorded(self.options.record_running_after_s)
+        if not due:
+            return
+        self.store.record_running([RunStart(job.task.message, job.task.workflow_id, job.task.started_at)
+                                   for job in due])
+        for job in due:
+            job.recorded = True
+
     def _held(self) -> list[tuple[str, int]]:
         return list(self.executor.running) + [(o.message.queue, o.message.msg_id) for o in self.completer.held()]
 
@@ -163,6 +174,7 @@ class Consumer:
             while self._write_due() and self.completer.flush(now=True):
                 pass
         self.renew_leases()
+        self.record_running()
         return fetched
 
     def _write_due(self) -> bool:
@@ -174,7 +186,8 @@ class Consumer:
 
     def _until_next_deadline(self) -> float:
         now = self.monotonic()
-        due = [self.executor.next_deadline(), self._next_renewal]
+        due = [self.executor.next_deadline(), self._next_renewal,
+               self.executor.next_record(self.options.record_running_after_s)]
         if not self.completer.threaded:
             due.append(now + self.completer.due_in())
         return max(0.0, min(due) - now)

@@ -30,3 +30,6 @@ class ConsumerOptions:
     give_back_wait_s: float = 10.0
     # how often the control table is read even without a NOTIFY (the heartbeat's interval)
     control_poll_s: float = 5.0
+    # a run held this long is recorded `running` in genesis.workflow_runs; one that ends sooner
+    # is written once, when it ends (no write at the read, no dead row per message)
+    record_running_after_s: float = 1.0

@@ -1,21 +1,12 @@
 -- The consumer's hot path and the admin commands over pgmq. Named blocks: see store/queries.py.
 
 -- name: read_batch
--- Lease up to qty visible messages of one queue (none while it is paused) for lease_s seconds and mark their runs running, in one round trip; each body and headers come as JSON text with its size, the text only under its limit.
+-- Lease up to qty visible messages of one queue (none while it is paused) for lease_s seconds, in one round trip; each body and headers come as JSON text with its size, the text only under its limit. No run is written here: a run is recorded when it has run a while (record_running) or when it ends.
 WITH leased AS (
     -- a paused queue (genesis.fleet_control) is read for nothing, whatever the consumer believes
     SELECT msg_id, read_ct, enqueued_at, message, headers
     FROM pgmq.read(%(queue)s, %(lease_s)s, CASE WHEN EXISTS (
         SELECT 1 FROM genesis.fleet_control WHERE scope = 'queue' AND target = %(queue)s) THEN 0 ELSE %(qty)s END)
-), runs AS (
-    INSERT INTO genesis.workflow_runs AS r (queue, msg_id, type, status, attempts, enqueued_at, started_at, updated_at, consumer)
-    -- a longer type is no known type, and could exceed an index row
-    SELECT %(queue)s, msg_id, CASE WHEN length(message ->> 'type') <= %(max_type_chars)s THEN message ->> 'type' END,
-           'running', read_ct, enqueued_at, now(), now(), %(consumer)s
-    FROM leased
-    ON CONFLICT (queue, msg_id) DO UPDATE
-        SET status = 'running', attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at,
-            updated_at = now(), consumer = EXCLUDED.consumer, next_attempt_at = NULL
 )
 -- as text, so that the consumer decodes each message on its own; a body over the limit never
 -- leaves the server
@@ -32,19 +23,10 @@ FROM leased CROSS JOIN LATERAL (SELECT octet_length(message::text) AS body_bytes
 ORDER BY msg_id
 
 -- name: lease_bare
--- Lease up to qty visible messages and mark their runs running without reading their bodies (when read_batch failed on one).
-WITH leased AS (
-    SELECT msg_id, read_ct, enqueued_at FROM pgmq.read(%(queue)s, %(lease_s)s, CASE WHEN EXISTS (
-        SELECT 1 FROM genesis.fleet_control WHERE scope = 'queue' AND target = %(queue)s) THEN 0 ELSE %(qty)s END)
-), runs AS (
-    INSERT INTO genesis.workflow_runs AS r (queue, msg_id, status, attempts, enqueued_at, started_at, updated_at, consumer)
-    SELECT %(queue)s, msg_id, 'running', read_ct, enqueued_at, now(), now(), %(consumer)s
-    FROM leased
-    ON CONFLICT (queue, msg_id) DO UPDATE
-        SET status = 'running', attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at,
-            updated_at = now(), consumer = EXCLUDED.consumer, next_attempt_at = NULL
-)
-SELECT msg_id, read_ct, enqueued_at FROM leased ORDER BY msg_id
+-- Lease up to qty visible messages without reading their bodies (when read_batch failed on one).
+SELECT msg_id, read_ct, enqueued_at FROM pgmq.read(%(queue)s, %(lease_s)s, CASE WHEN EXISTS (
+    SELECT 1 FROM genesis.fleet_control WHERE scope = 'queue' AND target = %(queue)s) THEN 0 ELSE %(qty)s END)
+ORDER BY msg_id
 
 -- name: read_body
 -- The body and headers of one message as JSON text with their sizes, each text only under its limit (as read_batch).
@@ -102,13 +84,35 @@ WHERE q.msg_id = t.msg_id AND q.read_ct = t.read_ct
 RETURNING q.msg_id
 
 -- name: record_retries
--- Mark runs pending again with the error that caused the retry and when the next attempt is due (the ids schedule_retries kept; never a finished run).
-UPDATE genesis.workflow_runs AS r
-SET status = 'pending', updated_at = now(), error = t.error,
-    next_attempt_at = now() + make_interval(secs => t.delay_s)
-FROM unnest(%(msg_ids)s::bigint[], %(delays)s::float8[], %(errors)s::jsonb[]) AS t(msg_id, delay_s, error)
-WHERE r.queue = %(queue)s AND r.msg_id = t.msg_id AND r.msg_id = ANY(%(kept)s::bigint[])
-  AND r.status NOT IN ('completed', 'failed')
+-- Record runs pending again with the error that caused the retry and when the next attempt is due (the ids schedule_retries kept; never a finished run). The run may have no row yet: one that failed quickly was never recorded running.
+INSERT INTO genesis.workflow_runs AS r (queue, msg_id, workflow_id, type, status, attempts, enqueued_at, started_at,
+                                        updated_at, consumer, error, next_attempt_at)
+SELECT %(queue)s, t.msg_id, t.workflow_id, t.type, 'pending', t.attempts, t.enqueued_at, t.started_at, now(),
+       %(consumer)s, t.error, now() + make_interval(secs => t.delay_s)
+FROM jsonb_to_recordset(%(runs)s::jsonb)
+     AS t(msg_id bigint, workflow_id uuid, type text, attempts int, enqueued_at timestamptz, started_at timestamptz,
+          delay_s float8, error jsonb)
+WHERE t.msg_id = ANY(%(kept)s::bigint[])
+ON CONFLICT (queue, msg_id) DO UPDATE
+    SET workflow_id = EXCLUDED.workflow_id, type = EXCLUDED.type, status = 'pending', attempts = EXCLUDED.attempts,
+        started_at = EXCLUDED.started_at, updated_at = now(), consumer = EXCLUDED.consumer, error = EXCLUDED.error,
+        next_attempt_at = EXCLUDED.next_attempt_at
+    WHERE r.status NOT IN ('completed', 'failed')
+
+-- name: record_running
+-- Record runs as running: those that have run a while, while their message is still in its queue and held by the read that leased them (read_ct = attempts). Never a finished run, nor one a later read has recorded.
+INSERT INTO genesis.workflow_runs AS r (queue, msg_id, workflow_id, type, status, attempts, enqueued_at, started_at,
+                                        updated_at, consumer)
+SELECT %(queue)s, t.msg_id, t.workflow_id, t.type, 'running', t.attempts, t.enqueued_at, t.started_at, now(),
+       %(consumer)s
+FROM jsonb_to_recordset(%(runs)s::jsonb)
+     AS t(msg_id bigint, workflow_id uuid, type text, attempts int, enqueued_at timestamptz, started_at timestamptz)
+JOIN pgmq.{table} AS q ON q.msg_id = t.msg_id AND q.read_ct = t.attempts
+ON CONFLICT (queue, msg_id) DO UPDATE
+    SET workflow_id = EXCLUDED.workflow_id, type = EXCLUDED.type, status = 'running', attempts = EXCLUDED.attempts,
+        started_at = EXCLUDED.started_at, updated_at = now(), consumer = EXCLUDED.consumer, error = NULL,
+        next_attempt_at = NULL
+    WHERE r.status NOT IN ('completed', 'failed') AND r.attempts <= EXCLUDED.attempts
 
 -- name: extend_leases
 -- Push the visibility timeout of in-flight messages lease_s seconds ahead; returns the ids still held.

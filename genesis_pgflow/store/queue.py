@@ -16,10 +16,10 @@ from genesis_pgflow.errors import InvalidPayload
 from genesis_pgflow.messages import (
     ID_FIELDS,
     MAX_IDENTIFIER_CHARS,
-    MAX_TYPE_CHARS,
     IntakeLimits,
     Outcome,
     ReadMessage,
+    RunStart,
     dead_letter_headers,
     dead_letter_queue,
     envelope,
@@ -42,7 +42,12 @@ class QueueStore(Protocol):
     both pass tests/conformance."""
 
     def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
-        """Lease up to qty visible messages for lease_s seconds; their runs become running."""
+        """Lease up to qty visible messages for lease_s seconds. Their runs are not written here:
+        a run is recorded once it has run a while (record_running), or when it ends."""
+
+    def record_running(self, runs: Sequence[RunStart]) -> None:
+        """Record runs still going as running, in one transaction; a run already finished, or
+        recorded by a later read of its message (this read's lease was lost), is left as it is."""
 
     def complete(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
         """For final outcomes, in one transaction: publish each result (and copy dead letters to
@@ -50,7 +55,7 @@ class QueueStore(Protocol):
         request was no longer in its queue (completed elsewhere) is skipped, never published twice."""
 
     def retry(self, outcomes: Sequence[Outcome]) -> None:
-        """Make each request visible again after its retry delay and mark its run pending, unless
+        """Make each request visible again after its retry delay and record its run pending, unless
         the read the outcome came from is no longer the message's latest (its lease was lost)."""
 
     def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:
@@ -103,6 +108,13 @@ def _final_runs(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
     } for o in outcomes]
 
 
+def _run_rows(runs: Iterable[RunStart | Outcome]) -> list[dict[str, Any]]:
+    """What record_running and record_retries write of a run that is not over."""
+    return [{"msg_id": r.message.msg_id, "workflow_id": r.workflow_id, "type": r.message.type,
+             "attempts": r.message.read_ct, "enqueued_at": r.message.enqueued_at.isoformat(),
+             "started_at": r.started_at.isoformat()} for r in runs]
+
+
 def _server_away(exc: StoreError) -> bool:
     """The database could not be reached or the connection broke: no message is to blame."""
     state = exc.sqlstate
@@ -143,10 +155,9 @@ class PgQueueStore:
         """Bodies come as JSON text and are decoded one by one (messages.take_in), so that no
         message, whatever PostgreSQL accepted, fails the batch; if the batch read fails all the
         same, the messages are leased without their bodies and each body is read on its own."""
-        params = {"queue": queue, "qty": qty, "lease_s": lease_s, "consumer": self.consumer,
-                  "max_type_chars": MAX_TYPE_CHARS, **self._limit_params()}
+        params = {"queue": queue, "qty": qty, "lease_s": lease_s, **self._limit_params()}
         try:
-            # one statement (the lease and the run records), so its own transaction: one round trip
+            # one statement, so its own transaction: one round trip
             rows = self.db.run(lambda conn: conn.execute(sql("read_batch"), params).fetchall(), single=True)
         except StoreError as exc:
             if _server_away(exc):
@@ -238,13 +249,29 @@ class PgQueueStore:
             for queue, items in _group(outcomes).items():
                 params: dict[str, Any] = {
                     "queue": queue, "msg_ids": [o.message.msg_id for o in items],
-                    "read_cts": [o.message.read_ct for o in items], "delays": [o.retry_after_s for o in items],
-                    "errors": [Jsonb(o.error.as_json()) if o.error else None for o in items]}
+                    "read_cts": [o.message.read_ct for o in items], "delays": [o.retry_after_s for o in items]}
                 # fenced by the read count: a retry of a read whose lease was lost (the message read
                 # again elsewhere, or finished) touches neither the message nor its run
                 kept = [r["msg_id"] for r in conn.execute(_table("schedule_retries", f"q_{queue}"), params)]
-                conn.execute(sql("record_retries"), {**params, "kept": kept})
+                if not kept:
+                    continue
+                runs = [{**row, "delay_s": o.retry_after_s, "error": o.error.as_json() if o.error else None}
+                        for row, o in zip(_run_rows(items), items, strict=True)]
+                conn.execute(sql("record_retries"), {"queue": queue, "consumer": self.consumer, "kept": kept,
+                                                     "runs": Jsonb(runs)})
         if outcomes:
+            self.db.run(tx)
+
+    def record_running(self, runs: Sequence[RunStart]) -> None:
+        by_queue: dict[str, list[RunStart]] = defaultdict(list)
+        for run in runs:
+            by_queue[run.message.queue].append(run)
+
+        def tx(conn: Conn) -> None:
+            for queue, items in by_queue.items():
+                conn.execute(_table("record_running", f"q_{queue}"), {"queue": queue, "consumer": self.consumer,
+                                                                      "runs": Jsonb(_run_rows(items))})
+        if runs:
             self.db.run(tx)
 
     def extend_leases(self, queue: str, msg_ids: Sequence[int], lease_s: int) -> set[int]:

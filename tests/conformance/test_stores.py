@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from genesis_pgflow.messages import Failure, Outcome
+from genesis_pgflow.messages import Failure, Outcome, RunStart
 from genesis_pgflow.store.control import ControlState
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.queue import PgQueueStore
@@ -25,7 +25,7 @@ class Twin:
     advance: Callable[[float], None]
     results: Callable[[str], list]
     headers: Callable[[str], list]
-    run_status: Callable[[str, int], str]
+    run_status: Callable[[str, int], str | None]     # None: no run recorded
     queue_names: Callable[[], set]
 
 
@@ -42,13 +42,13 @@ def twin(request):
         clock = FakeClock()
         store = MemoryQueueStore(clock=clock)
         yield Twin(store, MemoryStateStore(), clock.advance, store.messages, store.headers,
-                   lambda queue, msg_id: store.runs[(queue, msg_id)]["status"], store.queue_names)
+                   lambda queue, msg_id: store.runs.get((queue, msg_id), {}).get("status"), store.queue_names)
         return
     db = Database(request.getfixturevalue("db_dsn")).open()
     yield Twin(PgQueueStore(db, "test:1"), PgStateStore(db), time.sleep, _pg_column(db, "message"),
-               _pg_column(db, "headers"), lambda queue, msg_id: db.run(lambda conn: conn.execute(
+               _pg_column(db, "headers"), lambda queue, msg_id: (db.run(lambda conn: conn.execute(
                    "SELECT status FROM genesis.workflow_runs WHERE queue = %s AND msg_id = %s",
-                   (queue, msg_id)).fetchone())["status"],
+                   (queue, msg_id)).fetchone()) or {}).get("status"),
                lambda: db.run(lambda conn: {r["queue_name"] for r in conn.execute("SELECT * FROM pgmq.list_queues()")}))
     db.close()
 
@@ -101,6 +101,39 @@ def test_retry_hides_the_message_for_its_delay(twin):
     assert twin.queues.read(Q, 1, lease_s=30) == []
     twin.advance(1.2)
     assert [m.msg_id for m in twin.queues.read(Q, 1, lease_s=30)] == [msg_id]
+
+
+WF = "00000000-0000-0000-0000-00000000000a"
+
+
+def test_a_run_is_written_when_it_ends_or_recorded_running_while_its_read_holds_it(twin):
+    a, b = (twin.queues.send(Q, {"type": "genesis_rule_update", "n": i}) for i in range(2))
+    read = {m.msg_id: m for m in twin.queues.read(Q, 2, lease_s=30)}
+    assert (twin.run_status(Q, a), twin.run_status(Q, b)) == (None, None)      # a read writes no run
+    twin.queues.record_running([RunStart(read[a], WF, NOW)])
+    assert (twin.run_status(Q, a), twin.run_status(Q, b)) == ("running", None)
+    twin.queues.complete([outcome(read[a]), outcome(read[b], "failed", error=Failure("invalid_payload", "x"))])
+    assert (twin.run_status(Q, a), twin.run_status(Q, b)) == ("completed", "failed")
+    twin.queues.record_running([RunStart(read[a], WF, NOW), RunStart(read[b], WF, NOW)])   # late: both over
+    assert (twin.run_status(Q, a), twin.run_status(Q, b)) == ("completed", "failed")
+
+
+def test_a_read_whose_lease_was_lost_records_no_running_run(twin):
+    msg_id = twin.queues.send(Q, {"n": 1})
+    [first] = twin.queues.read(Q, 1, lease_s=1)
+    twin.advance(1.5)
+    [second] = twin.queues.read(Q, 1, lease_s=30)
+    twin.queues.record_running([RunStart(first, WF, NOW)])
+    assert twin.run_status(Q, msg_id) is None                  # the message is the second read's now
+    twin.queues.record_running([RunStart(second, WF, NOW)])
+    assert twin.run_status(Q, msg_id) == "running"
+
+
+def test_a_retry_records_a_run_that_was_never_recorded_running(twin):
+    msg_id = twin.queues.send(Q, {"type": "genesis_rule_update"})
+    [msg] = twin.queues.read(Q, 1, lease_s=30)
+    twin.queues.retry([outcome(msg, "retry", error=Failure("retryable_error", "x"), retry_after_s=60.0)])
+    assert twin.run_status(Q, msg_id) == "pending"
 
 
 def test_extend_and_release_leases(twin):

@@ -130,6 +130,25 @@ def test_each_retry_and_the_dead_letter_are_recorded_and_joined_back(db: Databas
     assert admin.run_history(RULES, 999_999) is None
 
 
+def test_retries_in_a_row_are_each_recorded_though_no_read_wrote_a_run_between_them(db: Database,
+                                                                                     db_dsn: str) -> None:
+    """A quick run is written only when it ends, so a second retry finds the first one's row:
+    each is an error of its own, and a give-back is none."""
+    queues, admin = PgQueueStore(db, "test:1"), PgAdminStore(db)
+    msg_id = queues.send(RULES, rule(4))
+    for attempt in (1, 2):
+        [message] = queues.read(RULES, 1, 30)
+        assert message.read_ct == attempt
+        queues.retry([outcome(message, "retry", "database_busy", f"attempt {attempt}", retry_after_s=60.0)])
+        query(db_dsn, f"UPDATE pgmq.q_{RULES} SET vt = now()")
+    [message] = queues.read(RULES, 1, 30)
+    queues.release(RULES, [message.msg_id])
+    history = admin.run_history(RULES, msg_id)
+    assert history is not None and history["run"]["status"] == "pending"
+    assert [(e["attempt"], e["outcome"], e["error"]["message"]) for e in history["errors"]] == [
+        (1, "retry", "attempt 1"), (2, "retry", "attempt 2")]
+
+
 def test_a_dead_letter_naming_its_original_in_its_headers_is_joined_by_them(db: Database, db_dsn: str) -> None:
     queues, admin = PgQueueStore(db, "test:1"), PgAdminStore(db)
     msg_id = queues.send(RULES, rule(3))

@@ -770,6 +770,10 @@ def test_stop_gives_back_work_that_outlives_the_grace_period(harness: Harness) -
     msg_id = send_sql(harness.dsn, RULES, rule(22))
     thread = harness.run_in_thread(consumer)
     assert stuck.entered.wait(10)
+    # held a second, it is recorded running for DBAs to see
+    wait_until(lambda: (run_row(harness.dsn, RULES, msg_id) or {}).get("status") == "running", 30,
+               what="the run recorded running")
+    assert run_row(harness.dsn, RULES, msg_id)["attempts"] == 1
 
     consumer.stop()
     thread.join(timeout=15)

@@ -3,6 +3,7 @@ database, give-backs and wake-ups; nothing is lost or answered twice, and recove
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from genesis_pgflow.consumer import Consumer, ConsumerOptions
 from genesis_pgflow.dispatcher import Dispatcher
+from genesis_pgflow.messages import RunStart
 from genesis_pgflow.store.database import Database, is_transient
 from genesis_pgflow.store.queue import PgQueueStore
 from genesis_pgflow.testing import wait_until
@@ -286,7 +288,9 @@ def test_release_gives_messages_back_without_spending_an_attempt(db_dsn):
     with Database(db_dsn) as db:
         store = PgQueueStore(db, "release:1")
         a, b = _send(db_dsn, 1), _send(db_dsn, 2)
-        assert [m.read_ct for m in store.read(Q, 2, lease_s=30)] == [1, 1]
+        read = store.read(Q, 2, lease_s=30)
+        assert [m.read_ct for m in read] == [1, 1]
+        store.record_running([RunStart(m, str(uuid.uuid4()), dt.datetime.now(dt.UTC)) for m in read])
         store.release(Q, [a, b])
         rows = _sql(db_dsn, f"SELECT msg_id, read_ct, vt <= clock_timestamp() FROM pgmq.q_{Q} ORDER BY msg_id")
         assert rows == [(a, 0, True), (b, 0, True)]

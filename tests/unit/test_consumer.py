@@ -227,12 +227,42 @@ def test_shutdown_gives_unfinished_work_back(store, clock):
     consumer = make(store, clock, Handler(until_cancelled), parallel=1, grace=0.0)
     consumer.run_once()
     assert started.wait(5)
+    clock.advance(1.0)
+    consumer.run_once()                                          # held a second: recorded running
+    assert store.runs[(Q, msg_id)]["status"] == "running" and store.runs[(Q, msg_id)]["attempts"] == 1
     consumer.stop()
     consumer.shutdown()
     assert results(store) == []                                  # what the cancelled run returned is dropped
+    assert store.runs[(Q, msg_id)]["status"] == "pending" and store.runs[(Q, msg_id)]["attempts"] == 0
     [again] = store.read(Q, 1, lease_s=10)
     assert again.msg_id == msg_id and again.read_ct == 1         # visible again at once, the give-back uncounted
-    assert store.runs[(Q, msg_id)]["status"] == "running"        # read again just now
+
+
+def test_a_run_is_recorded_running_only_once_it_has_been_held_a_second(store, clock):
+    """A quick run is written once, when it ends; one held a second (running, or waiting for a
+    worker) is recorded running, once, and then finished."""
+    gate = Gate()
+    quick = store.send(Q, rule(1))
+    consumer = make(store, clock, Handler(), parallel=2)
+    settle(consumer, lambda: len(results(store)) == 1)
+    assert store.runs[(Q, quick)]["status"] == "completed"
+    recorded: list[list[int]] = []
+    record = store.record_running
+    store.record_running = lambda runs: (recorded.append([r.message.msg_id for r in runs]), record(runs))[1]
+    slow = store.send(Q, rule(2))
+    consumer = make(store, clock, gate, parallel=1)
+    consumer.run_once()
+    assert gate.entered.acquire(timeout=5)
+    clock.advance(0.9)
+    consumer.run_once()
+    assert (Q, slow) not in store.runs and recorded == []
+    clock.advance(0.1)
+    consumer.run_once()
+    consumer.run_once()
+    assert store.runs[(Q, slow)]["status"] == "running" and recorded == [[slow]]
+    gate.release.set()
+    settle(consumer, lambda: len(results(store)) == 2)
+    assert store.runs[(Q, slow)]["status"] == "completed" and recorded == [[slow]]
 
 
 def test_drain_exits_once_everything_is_done(store, clock):
