@@ -182,3 +182,28 @@ def test_problems_of_a_database_with_pgmq_but_no_genesis_schema(db_dsn: str) -> 
     assert len(found) == 1 and "none" in found[0] and schema.head_revision() in found[0]
     with pytest.raises(SchemaBehind, match="genesis db upgrade"):
         schema.require_current(db_dsn)
+
+
+def test_rule_lookups_use_the_index_though_statistics_were_taken_of_an_empty_table(db_dsn: str) -> None:
+    """PL/pgSQL keeps a plan per session: one made while statistics say genesis.rule_versions is
+    empty would scan the whole table for every rule update, for as long as the session lives
+    (quadratic in the rules applied). Migration 0012 makes the index the only plan."""
+    import uuid
+
+    from psycopg.types.json import Jsonb
+
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE genesis.rule_versions")   # statistics of an empty table
+        assert _scalar(db_dsn, "SELECT reltuples FROM pg_class WHERE oid = 'genesis.rule_versions'::regclass") == 0
+        with conn.transaction():
+            for batch in range(10):     # enough calls for the plan cache to settle on a generic plan
+                updates = [{"namespace": "ns", "rule_id": f"r{batch}-{i}", "version": 1, "confidence": 0.9,
+                            "rule": {}, "workflow_id": str(uuid.uuid4())} for i in range(20)]
+                decided = conn.execute("SELECT decision FROM genesis.apply_rule_versions(%s)",
+                                       [Jsonb(updates)]).fetchall()
+                assert [d for (d,) in decided] == ["applied"] * 20
+            # this transaction's own scans of the table (pg_stat_xact_*: no other session counts)
+            seq_scan, idx_scan = conn.execute(
+                "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables "
+                "WHERE schemaname = 'genesis' AND relname = 'rule_versions'").fetchone()
+    assert seq_scan == 0 and idx_scan >= 200
