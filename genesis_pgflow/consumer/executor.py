@@ -105,6 +105,19 @@ class Executor:
         self.running[job.key] = job
         self.pool.submit(job)
 
+    def run_inline(self, task: Task) -> Outcome:
+        """A handler that only works out what to write (its `inline`: see handlers.base.Handler),
+        run here on the loop's thread as it is read: no worker, no hand-off to one and back. Its
+        deadline is looked at once it returns: late is a timeout, as it would be on a worker."""
+        ctx = self.dispatcher.context(task, float("inf"))
+        ctx.monotonic = self.monotonic
+        started = self.monotonic()
+        ctx.deadline = started + task.timeout_s
+        outcome = self.dispatcher.execute(task, ctx)
+        finished = self.monotonic()
+        self._learn_pace(task, finished - started)
+        return self.dispatcher.timed_out(task) if finished > ctx.deadline else outcome
+
     def _execute(self, job: Job) -> None:
         """In a worker thread: the deadline starts now; a job cancelled before it started does not run."""
         if job.ctx.cancelled.is_set():
@@ -130,7 +143,8 @@ class Executor:
                 self.overrun.discard(job)
             elif self.running.get(job.key) is job:
                 del self.running[job.key]
-                self._learn_pace(job)
+                if job.started_at is not None and job.finished_at is not None:
+                    self._learn_pace(job.task, job.finished_at - job.started_at)
                 outcome = self.dispatcher.transient(job.task, job.error) if job.error else job.outcome
                 if outcome is not None:          # None: cancelled before it started, given back
                     outcomes.append(outcome)
@@ -169,11 +183,8 @@ class Executor:
         """The earliest deadline of a running job (inf if none)."""
         return min((job.ctx.deadline for job in self.running.values()), default=float("inf"))
 
-    def _learn_pace(self, job: Job) -> None:
-        if job.started_at is None or job.finished_at is None:
-            return
-        kind = getattr(job.task.payload, "type", None)
-        seconds = job.finished_at - job.started_at
+    def _learn_pace(self, task: Task, seconds: float) -> None:
+        kind = getattr(task.payload, "type", None)
         previous = self._pace.get(kind)
         self._pace[kind] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 

@@ -2,7 +2,9 @@
 
 Room for a queue is the free workers plus a prefetch: as many messages as will start within
 prefetch_horizon_s at the pace its handler has shown (none before a run has shown it), so that
-quick handlers are fed a batch ahead while slow workflows are never hoarded. A read is made only
+quick handlers are fed a batch ahead while slow workflows are never hoarded. A queue whose
+handler is inline (it only works out a write: rule and LLM configuration updates) has a whole
+batch of room: its messages run on the loop's thread as they are read. A read is made only
 once there is room for a reasonable batch (or nothing runs), the queues are taken in turn, a
 paused queue is skipped, and nothing is read while the completer is backed up (the database is
 slow to take what was done: reading more would only hold more leases).
@@ -87,7 +89,14 @@ class Producer:
                    int(self.options.parallel * self.options.prefetch_horizon_s / max(pace, 1e-6)))
 
     def room(self, queue: str) -> int:
+        if self.inline(queue):      # run as read, on this thread: no worker to wait for
+            return self.options.batch_size
         return self.options.parallel + self.prefetch(queue) - self.executor.busy()
+
+    def inline(self, queue: str) -> bool:
+        """Whether the queue's handler runs on the loop's thread as it is read (handlers.base.Handler)."""
+        handler = self.dispatcher.handlers.get(QUEUES[queue][0]) if queue in QUEUES else None
+        return bool(getattr(handler, "inline", False))
 
     def fetch(self, paused: frozenset[str] = frozenset()) -> int:
         """Lease what the workers can start soon, taking the queues in turn; returns how many."""
@@ -102,7 +111,8 @@ class Producer:
                     self._empty.pop(name, None)     # read at once when resumed
                 continue
             room = self.room(name)
-            worth_it = max(1, min(self.options.parallel + self.prefetch(name), self.options.batch_size) // 2)
+            worth_it = max(1, min(room if self.inline(name) else self.options.parallel + self.prefetch(name),
+                                  self.options.batch_size) // 2)
             if room <= 0 or (self.executor.running and room < worth_it) or not self.worth_reading(name):
                 continue
             for message in self._read(name, min(room, self.options.batch_size)):
@@ -112,10 +122,13 @@ class Producer:
         return fetched
 
     def start(self, message: ReadMessage) -> None:
-        """Into the pool, or straight to the completer when the message is answered before any
-        handler runs (invalid, unknown type, too large, out of attempts)."""
+        """Into the pool; or run here when its handler is inline (it only works out a write);
+        or straight to the completer when the message is answered before any handler runs
+        (invalid, unknown type, too large, out of attempts)."""
         prepared = self.dispatcher.prepare(message)
         if isinstance(prepared, Outcome):
             self.completer.add([prepared])
+        elif getattr(prepared.handler, "inline", False):
+            self.completer.add([self.executor.run_inline(prepared)])
         else:
             self.executor.start(prepared)

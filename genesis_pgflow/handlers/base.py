@@ -88,6 +88,11 @@ class Handler(Protocol):
     handler's own `timeout_s(payload)` if it has that method (an experiment's hour), else the
     payload's `timeout_ms` if it has one, else the consumer's --timeout-ms; either of the first
     two is cut to the operator's maximum (--max-timeout-ms, --max-experiment-timeout-ms).
+
+    A handler with `inline = True` promises that it only works out a Deferred from its payload,
+    in microseconds, with no I/O: the consumer runs it on its own thread as it reads the message,
+    sparing the hand-off to a worker and back (most of the cost of a rule update). Its deadline
+    is looked at when it returns. Anything that may block or take long must not be inline.
     """
 
     payload_type: str

@@ -14,6 +14,7 @@ from genesis_pgflow.store.state import LlmConfig, StateStore, llm_config_key
 
 class LlmConfigManager:
     payload_type = "genesis_llm_config_update"
+    inline = True       # it only works out the write (see handlers.base.Handler)
 
     def __init__(self, state: StateStore):
         self.state = state

@@ -15,6 +15,7 @@ from genesis_pgflow.store.state import RuleVersion, StateStore, rule_key
 
 class RuleEngine:
     payload_type = "genesis_rule_update"
+    inline = True       # it only works out the write (see handlers.base.Handler)
 
     def __init__(self, state: StateStore, min_confidence: float = 0.85):
         self.state = state

@@ -265,6 +265,56 @@ def test_a_run_is_recorded_running_only_once_it_has_been_held_a_second(store, cl
     assert store.runs[(Q, slow)]["status"] == "completed" and recorded == [[slow]]
 
 
+class Inline(Handler):
+    """An inline handler (handlers.base.Handler): the loop runs it itself as it reads."""
+
+    inline = True
+
+    def __init__(self, action=None):
+        super().__init__(action)
+        self.threads = set()
+
+    def __call__(self, payload, ctx):
+        self.threads.add(threading.current_thread().name)
+        return super().__call__(payload, ctx)
+
+
+def test_an_inline_handler_runs_on_the_loop_thread_and_takes_no_worker(store, clock):
+    for i in range(5):
+        store.send(Q, rule(i))
+    handler = Inline()
+    consumer = make(store, clock, handler, parallel=1)
+    consumer.run_once()                     # one turn: read, run and answer all five
+    consumer.complete()
+    assert handler.threads == {threading.current_thread().name} and handler.calls == 5
+    assert [r["status"] for r in results(store)] == ["completed"] * 5 and store.depth((Q,)) == 0
+    assert consumer.free_slots() == 1 and not consumer.executor.running
+
+
+def test_an_inline_handler_that_returns_past_its_deadline_is_a_timeout(store, clock):
+    def slow(payload, ctx):
+        clock.advance(6.0)
+        return {"late": True}
+
+    store.send(Q, rule(1))
+    consumer = make(store, clock, Inline(slow), timeout_s=5.0)
+    consumer.run_once()
+    consumer.complete()
+    [result] = results(store)
+    assert result["status"] == "failed" and result["error"]["code"] == "timeout"
+
+
+def test_an_inline_handler_that_raises_is_retried_like_any_other(store, clock):
+    def boom(payload, ctx):
+        raise RetryableError("not now")
+
+    store.send(Q, rule(1))
+    consumer = make(store, clock, Inline(boom))
+    consumer.run_once()
+    consumer.complete()
+    assert results(store) == [] and store.runs[(Q, 1)]["status"] == "pending"
+
+
 def test_drain_exits_once_everything_is_done(store, clock):
     for i in range(5):
         store.send(Q, rule(i))
