@@ -8,7 +8,7 @@ import math
 import random
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from genesis_pgflow.errors import (
@@ -150,7 +150,7 @@ class Dispatcher:
         except Exception as exc:  # retryable by class, or unexpected: retried through the queue
             return self.transient(task, exc)
         if isinstance(result, Deferred):     # a state write: made by the store as it completes the message
-            return replace(self._outcome(task.message, "completed", task.started_at, task=task), deferred=result)
+            return self._outcome(task.message, "completed", task.started_at, task=task, deferred=result)
         if not isinstance(result, dict):
             return self.transient(task, TypeError(f"handler returned {type(result).__name__}, not a dict"))
         return self._outcome(task.message, "completed", task.started_at, result=result, task=task)
@@ -193,8 +193,9 @@ class Dispatcher:
                        workflow_id=task.workflow_id)
 
     def _outcome(self, message: ReadMessage, kind: Any, started: dt.datetime, *, error: GenesisError | None = None,
-                 result: dict[str, Any] | None = None, task: Task | None = None) -> Outcome:
+                 result: dict[str, Any] | None = None, task: Task | None = None,
+                 deferred: Deferred | None = None) -> Outcome:
         failure = Failure(error.code, error.message, error.details) if error else None
         return Outcome(message, kind, started, self.clock(), result=result, error=failure,
-                       workflow_id=task.workflow_id if task else str(uuid.uuid4()))
+                       workflow_id=task.workflow_id if task else str(uuid.uuid4()), deferred=deferred)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 import json
 import re
@@ -159,6 +160,7 @@ _SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential
 REDACTED = "[redacted]"
 
 
+@functools.lru_cache(maxsize=4096)     # results and payloads repeat their field names
 def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
 
@@ -167,10 +169,16 @@ def redact(value: Any) -> Any:
     """A copy of value with every field named like a secret replaced by a marker, and NUL
     characters (which PostgreSQL's jsonb cannot hold) replaced by U+FFFD."""
     if isinstance(value, dict):
-        return {redact(k) if isinstance(k, str) else k: (REDACTED if is_secret_name(str(k)) else redact(v))
-                for k, v in value.items()}
+        copy = {}
+        for k, v in value.items():
+            if is_secret_name(k if isinstance(k, str) else str(k)):
+                v = REDACTED
+            elif isinstance(v, (dict, list)) or (isinstance(v, str) and "\x00" in v):
+                v = redact(v)
+            copy[k.replace("\x00", "\ufffd") if isinstance(k, str) and "\x00" in k else k] = v
+        return copy
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return [redact(v) if isinstance(v, (dict, list, str)) else v for v in value]
     if isinstance(value, str) and "\x00" in value:
         return value.replace("\x00", "\ufffd")
     return value
@@ -352,13 +360,12 @@ def parse_payload(raw: Any) -> Payload:
     if not isinstance(raw, dict):
         raise InvalidPayload(f"payload must be a JSON object, got {type(raw).__name__}",
                              details={"field": "payload"})
-    identifiers = raw_identifiers(raw)
     kind = raw.get("type")
     if kind is None:
-        raise InvalidPayload("type: field required", details={"field": "type", **identifiers})
+        raise InvalidPayload("type: field required", details={"field": "type", **raw_identifiers(raw)})
     if not isinstance(kind, str) or kind not in PAYLOAD_TYPES:
         raise UnknownType(f"type {clip(kind)!r} has no handler; known types: {', '.join(sorted(PAYLOAD_TYPES))}",
-                          details={"type": clip(kind), **identifiers})
+                          details={"type": clip(kind), **raw_identifiers(raw)})
     try:
         return _PAYLOAD.validate_python(raw)
     except ValidationError as exc:
@@ -369,7 +376,7 @@ def parse_payload(raw: Any) -> Payload:
         fields = [".".join(str(p) for p in e["loc"] if p not in PAYLOAD_TYPES) for e in shown]
         more = f"; and {len(errors) - len(shown)} more problem(s)" if len(errors) > len(shown) else ""
         raise InvalidPayload("; ".join(problems) + more,
-                             details={"fields": fields, "errors": problems, **identifiers}) from None
+                             details={"fields": fields, "errors": problems, **raw_identifiers(raw)}) from None
 
 
 # --- intake: each message's JSON text decoded on its own, within limits --------------------
@@ -397,6 +404,9 @@ _NUMBER_RUN = re.compile(r"[-+.0-9eE]+")
 # PostgreSQL's jsonb cannot hold NUL, and a lone surrogate is not Unicode: a request holding
 # either could not have its result stored.
 _UNSTORABLE_CHAR = re.compile("[\x00\ud800-\udfff]")
+# Where a decoded JSON text may hold one: as an escape (\u0000, \udXXX) or as the character itself.
+# A text without any of these cannot (most bodies): the decoded value is then not walked.
+_MAYBE_UNSTORABLE = re.compile("\\\\u(?:0000|[dD][89a-fA-F])|[\x00\ud800-\udfff]")
 
 
 class _NotJson(ValueError):
@@ -412,6 +422,10 @@ def _finite_float(token: str) -> float:
     if value in (float("inf"), float("-inf")):
         raise _NotJson(f"number {clip(token, 40)} is out of range")
     return value
+
+
+# one decoder for every text (json.loads with hooks makes a new one per call)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def _nesting_depth(stripped: str) -> int:
@@ -437,6 +451,25 @@ def _unstorable_char(value: Any) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _number_run_longer_than(length: int) -> re.Pattern[str]:
+    return re.compile(f"[-+.0-9eE]{{{length + 1},}}")
+
+
+def _check_nesting_and_numbers(stripped: str, limits: IntakeLimits, what: str) -> None:
+    """Raise InvalidPayload if a JSON text whose strings were removed nests too deep or holds too long a number."""
+    depth = _nesting_depth(stripped)
+    if depth > limits.max_depth:
+        raise InvalidPayload(f"{what} is nested {depth} levels deep; at most {limits.max_depth} are accepted",
+                             details={"field": what, "depth": depth, "limit_depth": limits.max_depth})
+    longest = max(map(len, _NUMBER_RUN.findall(stripped)), default=0)
+    if longest > limits.max_number_length:
+        raise InvalidPayload(f"{what} holds a number of {longest} characters; at most "
+                             f"{limits.max_number_length} are accepted",
+                             details={"field": what, "number_length": longest,
+                                      "limit_number_length": limits.max_number_length})
+
+
 def decode_json(text: str, limits: IntakeLimits, *, what: str = "payload", max_bytes: int | None = None,
                 size: int | None = None) -> Any:
     """The value of one JSON text, checked against the limits before it is decoded.
@@ -451,22 +484,17 @@ def decode_json(text: str, limits: IntakeLimits, *, what: str = "payload", max_b
         if size > limit:
             raise PayloadTooLarge(f"{what} is {size} bytes of JSON; at most {limit} bytes are accepted",
                                   details={"field": what, "size_bytes": size, "limit_bytes": limit})
-        stripped = _JSON_STRING.sub('""', text)
-        depth = _nesting_depth(stripped)
-        if depth > limits.max_depth:
-            raise InvalidPayload(f"{what} is nested {depth} levels deep; at most {limits.max_depth} are accepted",
-                                 details={"field": what, "depth": depth, "limit_depth": limits.max_depth})
-        longest = max(map(len, _NUMBER_RUN.findall(stripped)), default=0)
-        if longest > limits.max_number_length:
-            raise InvalidPayload(f"{what} holds a number of {longest} characters; at most "
-                                 f"{limits.max_number_length} are accepted",
-                                 details={"field": what, "number_length": longest,
-                                          "limit_number_length": limits.max_number_length})
+        # Only a text with more opening brackets than the depth allows, or a run of number
+        # characters longer than a number may be (strings included in both), is measured closely.
+        if (text.count("[") + text.count("{") > limits.max_depth
+                or _number_run_longer_than(limits.max_number_length).search(text)):
+            _check_nesting_and_numbers(_JSON_STRING.sub('""', text), limits, what)
         try:
-            value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+            value = _DECODER.decode(text)
         except (ValueError, RecursionError) as exc:
             raise InvalidPayload(f"{what} is not valid JSON: {clip(str(exc), 200)}", details={"field": what}) from None
-        bad = _unstorable_char(value)
+        maybe_unstorable = ("\\u" in text or not text.isascii()) and _MAYBE_UNSTORABLE.search(text)
+        bad = _unstorable_char(value) if maybe_unstorable else None
         if bad is not None:
             name = "NUL (\\u0000)" if bad == "\x00" else f"a lone surrogate (\\u{ord(bad):04x})"
             raise InvalidPayload(f"{what} holds a string with {name}, which cannot be stored as JSON",
@@ -535,10 +563,15 @@ class ReadMessage:
     headers: Any = None
     problem: GenesisError | None = None
 
-    @property
+    @functools.cached_property      # frozen: worked out once (cached_property writes __dict__ itself)
     def type(self) -> str | None:
         kind = self.body.get("type") if isinstance(self.body, dict) else None
         return kind if isinstance(kind, str) and len(kind) <= MAX_TYPE_CHARS else None
+
+    @functools.cached_property
+    def destination(self) -> str:
+        """The queue its result goes to (result_destination)."""
+        return result_destination(self)
 
 
 @dataclass(frozen=True)

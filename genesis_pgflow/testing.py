@@ -24,7 +24,6 @@ from genesis_pgflow.messages import (
     envelope,
     redact,
     request_headers,
-    result_destination,
     settle,
 )
 from genesis_pgflow.store.control import Command, ControlState
@@ -141,7 +140,7 @@ class MemoryQueueStore:
             for o in mine:
                 stored = self.queues[o.message.queue].pop(o.message.msg_id)
                 self.archives[o.message.queue].append(stored)
-                destination = result_destination(o.message)
+                destination = o.message.destination
                 if destination not in self.queues:      # a reply_to queue's first use, as pgmq.create
                     self.queues[destination], self.archives[destination] = {}, []
                 self._send(destination, envelope(o, self.consumer), request_headers(o))

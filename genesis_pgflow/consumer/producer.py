@@ -115,20 +115,21 @@ class Producer:
                                   self.options.batch_size) // 2)
             if room <= 0 or (self.executor.running and room < worth_it) or not self.worth_reading(name):
                 continue
-            for message in self._read(name, min(room, self.options.batch_size)):
-                self.start(message)
-                fetched += 1
+            messages = self._read(name, min(room, self.options.batch_size))
+            # what is answered at once (inline runs, refusals) goes to the completer in one hand-over
+            self.completer.add([o for o in map(self.start, messages) if o is not None])
+            fetched += len(messages)
         self._rotation = (self._rotation + 1) % len(queues)
         return fetched
 
-    def start(self, message: ReadMessage) -> None:
-        """Into the pool; or run here when its handler is inline (it only works out a write);
-        or straight to the completer when the message is answered before any handler runs
-        (invalid, unknown type, too large, out of attempts)."""
+    def start(self, message: ReadMessage) -> Outcome | None:
+        """Into the pool (None); or its outcome at once: run here when its handler is inline (it
+        only works out a write), or answered before any handler runs (invalid, unknown type, too
+        large, out of attempts)."""
         prepared = self.dispatcher.prepare(message)
         if isinstance(prepared, Outcome):
-            self.completer.add([prepared])
-        elif getattr(prepared.handler, "inline", False):
-            self.completer.add([self.executor.run_inline(prepared)])
-        else:
-            self.executor.start(prepared)
+            return prepared
+        if getattr(prepared.handler, "inline", False):
+            return self.executor.run_inline(prepared)
+        self.executor.start(prepared)
+        return None

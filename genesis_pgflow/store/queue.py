@@ -24,9 +24,7 @@ from genesis_pgflow.messages import (
     dead_letter_queue,
     envelope,
     is_reply_queue,
-    redact,
     request_headers,
-    result_destination,
     result_queue,
     settle,
     take_in,
@@ -93,19 +91,18 @@ def _by_destination(outcomes: Iterable[Outcome]) -> dict[str, list[Outcome]]:
     """Results by the queue they go to: the paired result queue, or a request's reply_to queue."""
     grouped: dict[str, list[Outcome]] = defaultdict(list)
     for outcome in outcomes:
-        grouped[result_destination(outcome.message)].append(outcome)
+        grouped[outcome.message.destination].append(outcome)
     return grouped
 
 
-def _final_runs(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
-    """The rows of record_final_runs, as one JSON array (cheaper to send than ten arrays)."""
+def _final_runs(outcomes: Sequence[Outcome], envelopes: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of record_final_runs, as one JSON array (cheaper to send than ten arrays); the
+    result and error as the outcome's envelope (by id) says them, redacted."""
     return [{
         "msg_id": o.message.msg_id, "workflow_id": o.workflow_id, "type": o.message.type,
         "status": o.status, "attempts": o.message.read_ct, "enqueued_at": o.message.enqueued_at.isoformat(),
-        "started_at": o.started_at.isoformat(), "finished_at": o.finished_at.isoformat(),
-        "error": o.error.as_json() if o.error and o.kind != "completed" else None,
-        "result": redact(o.result) if o.kind == "completed" else None,
-    } for o in outcomes]
+        "started_at": e["started_at"], "finished_at": e["finished_at"], "error": e["error"], "result": e["result"],
+    } for o, e in ((o, envelopes[id(o)]) for o in outcomes)]
 
 
 def _run_rows(runs: Iterable[RunStart | Outcome]) -> list[dict[str, Any]]:
@@ -209,7 +206,7 @@ class PgQueueStore:
             self._reply_queues.clear()
             applied = self.db.run(lambda conn: self._complete(conn, outcomes))
         # known to exist from now on: no pgmq.create for them in later transactions
-        self._reply_queues.update(filter(is_reply_queue, (result_destination(o.message) for o in applied)))
+        self._reply_queues.update(filter(is_reply_queue, (o.message.destination for o in applied)))
         return applied
 
     def _complete(self, conn: Conn, outcomes: Sequence[Outcome]) -> list[Outcome]:
@@ -224,6 +221,7 @@ class PgQueueStore:
             if not mine:
                 continue
             dead = [o for o in mine if o.kind == "dead_letter"]
+            envelopes = {id(o): envelope(o, self.consumer) for o in mine}
             with conn.pipeline():   # three statements (and a create per new reply_to queue), one round trip
                 for destination, answers in _by_destination(mine).items():
                     if destination != result_queue(queue) and destination not in self._reply_queues:
@@ -231,7 +229,7 @@ class PgQueueStore:
                         conn.execute(sql("create_queue"), {"queue": destination})
                     # a result carries its request's pgmq headers (a producer's correlation id)
                     conn.execute(sql("send_batch"), {"queue": destination,
-                                                     "messages": Jsonb([envelope(o, self.consumer) for o in answers]),
+                                                     "messages": Jsonb([envelopes[id(o)] for o in answers]),
                                                      "headers": Jsonb([request_headers(o) for o in answers])})
                 if dead:
                     conn.execute(sql("send_batch"), {
@@ -240,7 +238,7 @@ class PgQueueStore:
                                            else o.message.body for o in dead]),
                         "headers": Jsonb([dead_letter_headers(o) for o in dead])})
                 conn.execute(sql("record_final_runs"), {"queue": queue, "consumer": self.consumer,
-                                                        "runs": Jsonb(_final_runs(mine))})
+                                                        "runs": Jsonb(_final_runs(mine, envelopes))})
             applied += mine
         return applied
 

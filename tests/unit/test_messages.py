@@ -183,6 +183,9 @@ def test_a_huge_body_is_too_large_before_anything_is_decoded():
     ('{"\\u0000": 1}', "NUL"),
     ('["\\ud800"]', "lone surrogate (\\ud800)"),
     ('{"x": "\\udc00 tail"}', "lone surrogate (\\udc00)"),
+    ('{"x": "\\uDFFF"}', "lone surrogate (\\udfff)"),
+    ('{"x": "\\uDbFf", "y": "\\u00e9"}', "lone surrogate (\\udbff)"),
+    ('{"x": ["ok", {"deep": "\\u0000"}]}', "NUL"),
     ("[NaN]", "NaN is not a JSON number"),
     ('{"n": Infinity}', "Infinity is not a JSON number"),
     ("[-Infinity]", "-Infinity is not a JSON number"),
@@ -194,6 +197,14 @@ def test_a_huge_body_is_too_large_before_anything_is_decoded():
 ])
 def test_what_json_or_postgresql_cannot_hold_is_invalid_naming_the_problem(text, words):
     assert words in _decode_fails(text).message
+
+
+@pytest.mark.parametrize("text", ['{"a": "\\u00e9\\u20ac"}', '{"a": "\\\\u0000"}', '{"a": "\\ud83d\\ude00"}',
+                                  '{"a": "\\\\ud800"}'])
+def test_escapes_that_only_look_unstorable_decode(text):
+    """The text is looked at first (a body with no \\u0000 or \\udXXX escape is not walked); an
+    escaped backslash or a surrogate pair is not a NUL or a lone surrogate."""
+    assert decode_json(text, LIMITS) == json.loads(text)
 
 
 def test_valid_json_decodes_to_the_same_value_as_json_loads():
