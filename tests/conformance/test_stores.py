@@ -159,6 +159,31 @@ def test_rule_versions(twin):
     assert twin.state.rules("other") == []
 
 
+def test_batches_of_rule_versions_are_decided_as_one_by_one_in_the_order_given(twin):
+    """apply_writes (genesis.apply_rule_versions: locks, then one set-based statement) decides each
+    update as if the batch's updates were made one by one, in order, against what is stored:
+    random batches holding several versions of the same rules, repeats and older ones."""
+    import random
+    import uuid
+
+    rng = random.Random(9)
+    active: dict[str, int] = {}                 # the reference: rule id -> active version
+    for _round in range(12):
+        batch = [RuleVersion("diff", f"r{rng.randrange(5)}", rng.randrange(1, 8), 0.9, {"n": i})
+                 for i in range(rng.randrange(1, 25))]
+        expected = []
+        for rule in batch:
+            before = active.get(rule.rule_id)
+            if before is None or rule.version > before:
+                active[rule.rule_id] = rule.version
+                expected.append(("applied", rule.version))
+            else:
+                expected.append(("unchanged" if rule.version == before else "stale", before))
+        decided = twin.state.apply_writes([(rule, str(uuid.uuid4())) for rule in batch])
+        assert [tuple(d) for d in decided] == expected
+    assert {r["rule_id"]: r["version"] for r in twin.state.rules("diff")} == active
+
+
 def test_llm_config_versions(twin):
     config = LlmConfig("claude", "simple", ["m1"], ["chat"], {"api_key": "sk-1"})
     wf = "00000000-0000-0000-0000-000000000001"
