@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import datetime as dt
+import gc
 import getpass
 import json
 import logging

@@ -2,8 +2,10 @@
 
 Final outcomes (completed, failed, dead letter) go to QueueStore.complete, which publishes each
 result, archives each request and records each run in one transaction; retries go to
-QueueStore.retry. An outcome waits at most flush_after_s for others to share its transaction,
-and never more than a batch is written at once; with nothing left running it is written at once.
+QueueStore.retry. An outcome waits at most flush_after_s for others to share its transaction;
+with nothing left running it is written at once. A transaction carries up to WRITE_BATCHES
+batches of final outcomes: when the database falls behind the reads, the outcomes of two reads
+share one commit (its round trips and its WAL flush), and the completer catches up.
 
 While the consumer runs, the completer has a thread of its own (start()), so that the write of
 one batch overlaps the read and the work of the next, as River's batch completer does. Without
@@ -37,6 +39,9 @@ class Stats:
     outcomes: Counter = field(default_factory=Counter)   # kind -> count
     by_type: Counter = field(default_factory=Counter)    # (type, status) -> count
     store_errors: int = 0
+
+
+WRITE_BATCHES = 2       # most final outcomes in one transaction, in batches (--batch-size)
 
 
 class Completer:
@@ -112,7 +117,8 @@ class Completer:
                 return False
             if not now and not self._due_locked():
                 return False
-            finals, self._finals = self._finals[:self.batch_size], self._finals[self.batch_size:]
+            most = WRITE_BATCHES * self.batch_size
+            finals, self._finals = self._finals[:most], self._finals[most:]
             retries, self._retries = self._retries[:self.batch_size], self._retries[self.batch_size:]
             self._writing = finals + retries
         stored_finals = stored_retries = False

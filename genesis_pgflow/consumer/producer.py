@@ -25,7 +25,7 @@ from genesis_pgflow.dispatcher import Dispatcher
 from genesis_pgflow.messages import QUEUES, Outcome, ReadMessage
 from genesis_pgflow.store.queue import QueueStore
 
-from .completer import Completer
+from .completer import WRITE_BATCHES, Completer
 from .executor import Executor
 from .options import ConsumerOptions
 
@@ -40,7 +40,8 @@ class Producer:
         self.options = options
         self.monotonic = monotonic
         # outcomes waiting to be written beyond which nothing is read
-        self.max_backlog = 2 * max(options.batch_size, options.parallel)
+        # (two of the completer's largest writes: one under way, one waiting)
+        self.max_backlog = 2 * WRITE_BATCHES * max(options.batch_size, options.parallel)
         self.listening = False      # a LISTEN connection tells of new messages (set by the loop's listener)
         self._rotation = 0
         self._lock = threading.Lock()
