@@ -6,7 +6,6 @@ import datetime as dt
 import logging
 import math
 import random
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from genesis_pgflow.messages import (
     Outcome,
     Payload,
     ReadMessage,
+    new_workflow_id,
     parse_payload,
     raw_identifiers,
     reply_to,
@@ -133,7 +133,7 @@ class Dispatcher:
                                                  self.timeout_ceilings.get(payload.type, self.max_timeout_s))  # type: ignore[attr-defined]
         else:
             timeout_s, requested = clamp_timeout(timeout_override(payload), self.timeout_s, self.max_timeout_s)
-        return Task(message, handler, payload, timeout_s, str(uuid.uuid4()), started, requested)
+        return Task(message, handler, payload, timeout_s, new_workflow_id(), started, requested)
 
     def context(self, task: Task, deadline: float) -> WorkContext:
         m = task.message
@@ -197,5 +197,5 @@ class Dispatcher:
                  deferred: Deferred | None = None) -> Outcome:
         failure = Failure(error.code, error.message, error.details) if error else None
         return Outcome(message, kind, started, self.clock(), result=result, error=failure,
-                       workflow_id=task.workflow_id if task else str(uuid.uuid4()), deferred=deferred)
+                       workflow_id=task.workflow_id if task else new_workflow_id(), deferred=deferred)
 

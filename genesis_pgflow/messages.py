@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import itertools
 import json
+import random
 import re
 import uuid
 from collections.abc import Callable, Sequence
@@ -612,6 +613,16 @@ class Deferred:
     finish: Callable[[tuple[str, int]], dict[str, Any]]
 
 
+_WORKFLOW_IDS = random.Random()     # seeded from os.urandom once, when made
+
+
+def new_workflow_id() -> str:
+    """A random (version 4) UUID naming one run. Not uuid.uuid4(): its os.urandom is a system call
+    that lets go of the GIL, and taking it back cost the consumer's loop up to a switch interval
+    per message while the completer's thread ran Python. A workflow id must be unique, not secret."""
+    return str(uuid.UUID(int=_WORKFLOW_IDS.getrandbits(128), version=4))
+
+
 @dataclass(frozen=True)
 class RunStart:
     """A run still going, to be recorded as running: its message (as the read that holds it
@@ -638,7 +649,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     error: Failure | None = None
     retry_after_s: float = 0.0
-    workflow_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    workflow_id: str = field(default_factory=lambda: new_workflow_id())
     deferred: Deferred | None = None
 
     @property

@@ -266,3 +266,14 @@ def test_a_payload_with_many_bad_items_reports_the_first_few_problems_only():
     assert len(info.value.details["errors"]) == len(info.value.details["fields"]) == 20
     assert info.value.details["fields"][0] == "models.0"
     assert info.value.message.endswith("; and 9980 more problem(s)") and len(info.value.message) < 2_000
+
+
+def test_workflow_ids_are_distinct_version_4_uuids():
+    import uuid
+
+    from genesis_pgflow.messages import new_workflow_id
+
+    ids = [new_workflow_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 and str(uuid.UUID(i)) == i
+               for i in ids)
