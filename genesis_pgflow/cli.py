@@ -180,7 +180,14 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
             drain=args.drain, migrate=False if args.no_migrate else None, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host, dashboard_actions=args.dashboard_actions, log_format=args.log_format)
         setup_logging(settings.log_format, settings.log_level)
-        app = App.open(settings)
+        # Until the consumer runs, SIGTERM ends start-up as Ctrl-C does (KeyboardInterrupt, exit
+        # 0): nothing is in flight yet, and a migration under way rolls back with its transaction.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            app = App.open(settings)
+        except KeyboardInterrupt:
+            log.info("stopped by a signal during start-up, before consuming anything")
+            return EXIT_OK
         try:
             consumer = app.consumer()
             def stop(signum: int, _frame: object) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -314,6 +315,30 @@ def test_a_signal_while_idle_exits_0_quickly(signum: int, env: dict[str, str], d
     assert code == 0, consumer.stderr()
     assert time.monotonic() - started < 60, "a 120 s poll interval must not delay shutdown"
     assert "Traceback" not in consumer.stderr()
+
+
+def test_a_sigterm_during_start_up_exits_0(genesis_home: Path, background: Callable[..., Any]) -> None:
+    """Before the consumer runs (connecting, migrating), SIGTERM ends start-up with exit 0, as
+    Ctrl-C does: nothing is in flight yet. The consumer is held in start-up by a server that takes
+    its connection and never answers; the test signals once that connection has been accepted."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.settimeout(60)
+        dsn = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/x?connect_timeout=120"
+        consumer = background(GENESIS_CONSUME, env=cli_env(genesis_home, dsn))
+        try:
+            accepted, _ = silent.accept()       # the consumer waits for the server's answer now
+        except TimeoutError:
+            pytest.fail("the consumer never connected\n" + consumer.stderr())
+        with accepted:
+            consumer.signal(signal.SIGTERM)
+            try:
+                code = consumer.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail("still starting 60 s after SIGTERM\n" + consumer.stderr())
+    assert code == 0, consumer.stderr()
+    assert "during start-up" in consumer.stderr() and "Traceback" not in consumer.stderr()
 
 
 @pytest.mark.db
