@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import re
+import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from genesis_pgflow.messages import (
@@ -48,6 +51,63 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+class CliProcess:
+    """A console script (`genesis-consume`, `genesis`) running in the background, its stderr
+    collected line by line as it arrives: what tests that drive the real CLI wait for and show."""
+
+    line_timeout_s = 30.0       # how long wait_for_line waits by default
+
+    def __init__(self, script: Path, *args: str, env: dict[str, str], stdout: int = subprocess.PIPE):
+        self.args = args
+        self.proc = subprocess.Popen([str(script), *args], env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+                                     stderr=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_line(self, pattern: str, timeout: float | None = None) -> str:
+        """The first stderr line matching pattern, waiting for it; AssertionError (with stderr) if
+        none comes in time or the process ends without one."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + (self.line_timeout_s if timeout is None else timeout)
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if regex.search(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no stderr line matching {pattern!r} (exit {self.proc.poll()}); "
+                                         "got:\n" + self.stderr())
+                self._changed.wait(min(left, 0.2))
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def stderr(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def _finish(self) -> None:
+        """After exit: the reader has the last lines, and the pipes are closed."""
+        self._reader.join(timeout=5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None and not self._reader.is_alive():
+                pipe.close()
 
 
 class FakeClock:

@@ -4,15 +4,14 @@ collected as it arrives, signals, kill -9, and the process tree each consumer st
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from genesis_pgflow.testing import CliProcess
 
 BIN = Path(sys.executable).parent
 GENESIS = BIN / "genesis"
@@ -92,48 +91,16 @@ def descendants(pid: int) -> list[Proc]:
     return found
 
 
-class Consumer:
+class Consumer(CliProcess):
     """One `genesis-consume` (or `genesis`) process in the background."""
 
+    line_timeout_s = 60.0
+
     def __init__(self, script: Path, *args: str, env: dict[str, str]):
-        self.args = args
-        self.proc = subprocess.Popen([str(script), *args], env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.pid = self.proc.pid
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_for_line(self, pattern: str, timeout: float = 60) -> str:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if regex.search(line):
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no stderr line matching {pattern!r} (exit {self.proc.poll()}); "
-                                         "got:\n" + self.stderr())
-                self._changed.wait(min(left, 0.2))
+        super().__init__(script, *args, env=env, stdout=subprocess.DEVNULL)
 
     def running(self) -> bool:
         return self.proc.poll() is None
-
-    def signal(self, signum: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
 
     def wait(self, timeout: float) -> int:
         """The exit code; on a hang, SIGABRT (faulthandler dumps the stacks) and fail."""
@@ -151,11 +118,6 @@ class Consumer:
                                  "stderr:\n" + self.stderr()) from None
         self._finish()
         return code
-
-    def _finish(self) -> None:
-        self._reader.join(timeout=5)
-        if self.proc.stderr is not None and not self._reader.is_alive():
-            self.proc.stderr.close()
 
     def kill(self) -> None:
         """kill -9 (by its own pid), and reap it."""
