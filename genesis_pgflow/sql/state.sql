@@ -19,9 +19,8 @@ SELECT namespace, rule_id, version, confidence, rule, applied_at FROM genesis.ac
 WHERE %(namespace)s::text IS NULL OR namespace = %(namespace)s ORDER BY namespace, rule_id
 
 -- name: active_llm_config
--- The active configuration of one provider and complexity, secrets included (never printed).
-SELECT version, models, task_types, settings FROM genesis.llm_config_versions
-WHERE provider = %(provider)s AND complexity = %(complexity)s ORDER BY version DESC LIMIT 1
+-- The active configuration of one provider and complexity, secrets included (never printed), by index (migration 0014).
+SELECT version, models, task_types, settings FROM genesis.active_llm_config(%(provider)s, %(complexity)s)
 
 -- name: insert_llm_config
 -- Record a new version of one provider's configuration.

@@ -207,3 +207,33 @@ def test_rule_lookups_use_the_index_though_statistics_were_taken_of_an_empty_tab
                 "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables "
                 "WHERE schemaname = 'genesis' AND relname = 'rule_versions'").fetchone()
     assert seq_scan == 0 and idx_scan >= 200
+
+
+def test_llm_config_lookups_use_the_index_though_statistics_were_taken_of_an_empty_table(db_dsn: str) -> None:
+    """As above, for the active LLM configuration (migration 0014): a prepared lookup whose plan was
+    made while genesis.llm_config_versions looked empty read the whole table for every update."""
+    import uuid
+
+    from genesis_pgflow.store.database import Database
+    from genesis_pgflow.store.state import LlmConfig, PgStateStore
+
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE genesis.llm_config_versions")
+    db = Database(db_dsn, max_size=1).open()
+    try:
+        store = PgStateStore(db)
+
+        def apply_all(conn: Any) -> tuple[int, int]:
+            for i in range(30):     # past psycopg's prepare threshold and the plan cache's first five
+                decided = store.bound(conn).apply_llm_config(LlmConfig("p", "simple", [f"m{i}"], [], {}),
+                                                             str(uuid.uuid4()))
+                assert decided == ("applied", i + 1)
+            # this transaction's own scans of the table (pg_stat_xact_*: no other session counts)
+            row = conn.execute("SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables "
+                               "WHERE schemaname = 'genesis' AND relname = 'llm_config_versions'").fetchone()
+            return row["seq_scan"], row["idx_scan"]
+
+        seq_scan, idx_scan = db.run(apply_all)
+    finally:
+        db.close()
+    assert seq_scan == 0 and idx_scan >= 30
