@@ -161,9 +161,18 @@ _SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential
 REDACTED = "[redacted]"
 
 
-@functools.lru_cache(maxsize=4096)     # results and payloads repeat their field names
-def is_secret_name(name: str) -> bool:
+# field names remembered, up to this length: results and payloads repeat theirs, and a name a
+# request made megabytes long must not be kept by the cache
+_REMEMBERED_NAME_CHARS = 64
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret_short_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
+
+
+def is_secret_name(name: str) -> bool:
+    return _is_secret_short_name(name) if len(name) <= _REMEMBERED_NAME_CHARS else bool(_SECRET_NAME.search(name))
 
 
 def redact(value: Any) -> Any:

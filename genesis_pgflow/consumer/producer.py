@@ -112,8 +112,7 @@ class Producer:
                     self._empty.pop(name, None)     # read at once when resumed
                 continue
             room = self.room(name)
-            worth_it = max(1, min(room if self.inline(name) else self.options.parallel + self.prefetch(name),
-                                  self.options.batch_size) // 2)
+            worth_it = max(1, min(self.options.parallel + self.prefetch(name), self.options.batch_size) // 2)
             if room <= 0 or (self.executor.running and room < worth_it) or not self.worth_reading(name):
                 continue
             messages = self._read(name, min(room, self.options.batch_size))
