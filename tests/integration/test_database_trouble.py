@@ -39,11 +39,24 @@ def _sql(dsn, statement, params=None):
 
 
 def test_killing_the_consumers_connections_repeatedly_loses_nothing(db_dsn):
-    n = 400
-    with psycopg.connect(db_dsn, autocommit=True) as conn:
-        conn.execute("SELECT pgmq.send_batch(%s, %s::jsonb[])",
-                      (Q, [f'{{"type":"genesis_rule_update","namespace":"n","rule_id":"r{i}","confidence":0.9,"rule":{{}}}}'
-                           for i in range(n)]))
+    """Five times, every connection of the consumer is killed while it works on a stage of the
+    requests. Each stage is sent only after the kill before it, so the consumer cannot have
+    finished everything before the fifth kill, however fast it is or however slow the machine."""
+    stages, per_stage = 6, 70
+    n = stages * per_stage
+
+    def send_stage(k: int) -> None:
+        _sql(db_dsn, "SELECT pgmq.send_batch(%s, %s::jsonb[])",
+             (Q, [f'{{"type":"genesis_rule_update","namespace":"n","rule_id":"r{i}","confidence":0.9,"rule":{{}}}}'
+                  for i in range(k * per_stage, (k + 1) * per_stage)]))
+
+    def done() -> int:
+        return int(_sql(db_dsn, f"SELECT count(*) FROM pgmq.q_{RESULTS}")[0][0])
+
+    def kill_connections() -> bool:
+        return bool(_sql(db_dsn, "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                 "WHERE datname = current_database() AND pid <> pg_backend_pid()")[0][0])
+
     db = Database(db_dsn, max_size=4).open()
     store = PgQueueStore(db, "trouble:1")
     dispatcher = Dispatcher({"genesis_rule_update": Slowish()}, timeout_s=30, max_attempts=5,
@@ -53,19 +66,12 @@ def test_killing_the_consumers_connections_repeatedly_loses_nothing(db_dsn):
     thread = threading.Thread(target=consumer.run)
     thread.start()
     try:
-        kills = 0
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            done = _sql(db_dsn, f"SELECT count(*) FROM pgmq.q_{RESULTS}")[0][0]
-            if done >= n:
-                break
-            if kills < 5 and done >= kills * n // 6:
-                terminated = _sql(db_dsn, "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
-                                          "FROM pg_stat_activity WHERE datname = current_database() "
-                                          "AND pid <> pg_backend_pid()")[0][0]
-                kills += 1 if terminated else 0
-            time.sleep(0.02)
-        assert kills == 5
+        for k in range(stages - 1):
+            send_stage(k)
+            wait_until(lambda k=k: done() > k * per_stage, 60, what=f"a result of stage {k}")
+            wait_until(kill_connections, 60, what="a connection of the consumer to kill")
+        send_stage(stages - 1)
+        wait_until(lambda: done() >= n, 60, what=f"{n} results")
     finally:
         consumer.stop()
         thread.join(30)
