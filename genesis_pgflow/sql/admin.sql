@@ -61,11 +61,13 @@ FROM genesis.workflow_runs WHERE status = 'failed' AND finished_at >= now() - ma
 GROUP BY 1 ORDER BY 2 DESC, 1
 
 -- name: throughput_since
--- Runs finished per queue over the last window_s seconds: completed, failed, mean duration in ms.
-SELECT queue, count(*) FILTER (WHERE status = 'completed') AS completed, count(*) FILTER (WHERE status = 'failed') AS failed,
-       round(avg(extract(epoch FROM finished_at - started_at) * 1000)::numeric, 1)::float8 AS avg_ms
-FROM genesis.workflow_runs WHERE finished_at >= now() - make_interval(secs => %(window_s)s)
-GROUP BY queue ORDER BY queue
+-- Runs finished per queue over the last window_s seconds (to the 10 seconds: every bucket of the tallies the window reaches into, migration 0015): completed, failed, mean duration in ms. No run is read.
+SELECT queue, coalesce(sum(n) FILTER (WHERE status = 'completed'), 0)::bigint AS completed,
+       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
+       round((sum(total_ms) / nullif(sum(n), 0))::numeric, 1)::float8 AS avg_ms
+FROM genesis.run_tallies
+WHERE bucket > now() - make_interval(secs => %(window_s)s + 10) AND status IN ('completed', 'failed')
+GROUP BY queue HAVING sum(n) <> 0 ORDER BY queue
 
 -- name: run_row
 -- The run row of one request message.

@@ -21,11 +21,13 @@ LEFT JOIN buckets k ON k.minute = m.minute
 ORDER BY m.minute
 
 -- name: throughput_minutes
--- Runs finished per minute and queue over the last minutes (from the DBA view genesis.throughput_per_minute).
-SELECT minute, queue, sum(completed)::bigint AS completed, sum(failed)::bigint AS failed
-FROM genesis.throughput_per_minute
-WHERE minute >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1)
-GROUP BY minute, queue ORDER BY minute, queue
+-- Runs finished per minute and queue over the last minutes (at most 65: the tallies' 10-second buckets, migration 0015; no run is read).
+SELECT date_trunc('minute', bucket) AS minute, queue,
+       coalesce(sum(n) FILTER (WHERE status = 'completed'), 0)::bigint AS completed,
+       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed
+FROM genesis.run_tallies
+WHERE bucket >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1) AND status IN ('completed', 'failed')
+GROUP BY 1, 2 ORDER BY 1, 2
 
 -- name: dashboard_clock
 -- The database's own now, so that the charts' minutes and the page's ages agree with the rows.

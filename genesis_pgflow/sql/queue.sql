@@ -144,16 +144,29 @@ FROM genesis.run_tallies GROUP BY queue, type, status HAVING sum(n) <> 0
 SELECT queue, sum(n)::bigint AS n FROM genesis.archive_tallies GROUP BY queue
 
 -- name: compact_tallies
--- Fold the deltas of both tallies into one row per group (the scheduled job tally_compaction). Rows
--- added meanwhile by other transactions are not in this statement's snapshot and stay as they are.
-WITH runs AS (
-    DELETE FROM genesis.run_tallies RETURNING queue, type, status, n
+-- Fold the deltas of both tallies into one row per group (the scheduled job tally_compaction): run buckets older than 65 minutes go into history (bucket NULL); a group that is one row already is left alone, so a folded row is not rewritten every run. Rows added meanwhile by other transactions are not in this statement's snapshot and stay as they are; a row deleted meanwhile (a TRUNCATE) is not folded.
+WITH run_rows AS (
+    SELECT ctid AS row_id, bucket,
+           CASE WHEN bucket >= now() - interval '65 minutes' THEN bucket END AS into_bucket,
+           count(*) OVER (PARTITION BY queue, type, status,
+                          CASE WHEN bucket >= now() - interval '65 minutes' THEN bucket END) AS rows_in_group
+    FROM genesis.run_tallies
+), runs AS (
+    DELETE FROM genesis.run_tallies t USING run_rows r
+    WHERE t.ctid = r.row_id AND (r.rows_in_group > 1 OR r.bucket IS DISTINCT FROM r.into_bucket)
+    RETURNING t.queue, t.type, t.status, r.into_bucket, t.n, t.total_ms
 ), runs_folded AS (
-    INSERT INTO genesis.run_tallies (queue, type, status, n)
-    SELECT queue, type, status, sum(n) FROM runs GROUP BY 1, 2, 3 HAVING sum(n) <> 0
+    INSERT INTO genesis.run_tallies (queue, type, status, bucket, n, total_ms)
+    SELECT queue, type, status, into_bucket, sum(n), CASE WHEN into_bucket IS NULL THEN 0 ELSE sum(total_ms) END
+    FROM runs GROUP BY queue, type, status, into_bucket
+    HAVING sum(n) <> 0 OR (into_bucket IS NOT NULL AND sum(total_ms) <> 0)
     RETURNING 1
+), archive_rows AS (
+    SELECT ctid AS row_id, count(*) OVER (PARTITION BY queue) AS rows_in_group FROM genesis.archive_tallies
 ), archives AS (
-    DELETE FROM genesis.archive_tallies RETURNING queue, n
+    DELETE FROM genesis.archive_tallies t USING archive_rows r
+    WHERE t.ctid = r.row_id AND r.rows_in_group > 1
+    RETURNING t.queue, t.n
 ), archives_folded AS (
     INSERT INTO genesis.archive_tallies (queue, n)
     SELECT queue, sum(n) FROM archives GROUP BY 1 HAVING sum(n) <> 0

@@ -17,6 +17,10 @@ def _table(query: str, **tables: str) -> pgsql.Composed:
     return pgsql.SQL(sql(query)).format(**{k: pgsql.Identifier(v) for k, v in tables.items()})
 
 
+# the throughput series come from the tallies' buckets, kept 65 minutes (migration 0015)
+MAX_MINUTES = 64
+
+
 class PgDashboardStore:
     """Reads only: the figures of pgmq.metrics_all() and the last `minutes` minutes per queue."""
 
@@ -27,6 +31,8 @@ class PgDashboardStore:
         """{now, minutes: [iso minute...], queues: {queue: {depth, in_flight, oldest_age_s,
         dead_lettered, results_waiting, depth_series, completed_series, failed_series}}}.
         Each series has one value per minute, oldest first; the last minute is the current one."""
+        if not 1 <= minutes <= MAX_MINUTES:
+            raise ValueError(f"minutes must be 1 to {MAX_MINUTES} (the tallies keep 65 minutes of buckets)")
         def tx(conn: Conn) -> dict[str, Any]:
             clock = one(conn.execute(sql("dashboard_clock")))
             metrics = {r["queue_name"]: r for r in conn.execute(sql("queue_metrics"))}

@@ -133,13 +133,20 @@ def _ensure_archive_tallies(conn: psycopg.Connection) -> None:
 
 
 def _migrate(dsn: str) -> None:
+    migrate_to(dsn, "head")
+
+
+def migrate_to(dsn: str, revision: str, *, down: bool = False) -> None:
+    """The genesis schema upgraded (down=True: downgraded) to one Alembic revision ("head": the
+    newest), in one transaction. upgrade() takes the lock and makes the queues first; tests of a
+    migration's data call this directly."""
     engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=NullPool)
     try:
         with engine.begin() as connection:
             connection.exec_driver_sql("CREATE SCHEMA IF NOT EXISTS genesis")
             config = _alembic_config()
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            (command.downgrade if down else command.upgrade)(config, revision)
     finally:
         engine.dispose()
 

@@ -18,8 +18,10 @@ from genesis_pgflow.cli import admin_main
 from genesis_pgflow.messages import REQUEST_QUEUES
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store.admin import PgAdminStore
+from genesis_pgflow.store.dashboard import PgDashboardStore
 from genesis_pgflow.store.database import Database
 from genesis_pgflow.store.retention import PgRetention, RetentionPolicy
+from genesis_pgflow.store.schema import migrate_to
 from genesis_pgflow.store.tallies import compact
 
 pytestmark = pytest.mark.db
@@ -59,6 +61,16 @@ def assert_agree(dsn: str) -> None:
         status = PgAdminStore(db).status()
     for queue in REQUEST_QUEUES:
         assert status["queues"][queue]["archived"] == archives.get(queue, 0)
+    # the last hour's throughput, from the tallies, against the runs that finished in it
+    # (what these tests write finishes now or days ago: the tallies' 10-second edge plays no part)
+    recent = {r["queue"]: {"completed": r["completed"], "failed": r["failed"]} for r in query(
+        dsn, "SELECT queue, count(*) FILTER (WHERE status = 'completed') AS completed, "
+             "count(*) FILTER (WHERE status = 'failed') AS failed FROM genesis.workflow_runs "
+             "WHERE finished_at >= now() - interval '1 hour' GROUP BY 1 "
+             "HAVING count(*) FILTER (WHERE status IN ('completed', 'failed')) > 0")}
+    shown = {q: {"completed": t["completed"], "failed": t["failed"]}
+             for q, t in status["throughput"]["last_hour"]["queues"].items()}
+    assert shown == recent
 
 
 def send(dsn: str, body: dict[str, Any]) -> int:
@@ -157,3 +169,88 @@ def test_compaction_while_writers_go_on_loses_nothing(db_dsn: str) -> None:
     assert not errors, errors
     assert query(db_dsn, "SELECT count(*) AS n FROM genesis.workflow_runs")[0]["n"] > 0
     assert_agree(db_dsn)
+
+
+def test_throughput_comes_from_ten_second_buckets_folded_into_history_after_an_hour(db_dsn: str) -> None:
+    """Migration 0015: the status's last minute and last hour are sums over the tallies' buckets
+    (no run is read); compaction moves buckets older than 65 minutes into history, and leaves a
+    group that is one row already as it is."""
+    def runs(first: int, count: int, status: str, finished_ago: str, took_ms: int) -> None:
+        query(db_dsn, "INSERT INTO genesis.workflow_runs (queue, msg_id, type, status, started_at, finished_at) "
+                      "SELECT %s, g, 'genesis_rule_update', %s, now() - %s::interval - make_interval(secs => %s / 1000.0), "
+                      "now() - %s::interval FROM generate_series(%s::bigint, %s::bigint) g",
+              (RULES, status, finished_ago, took_ms, finished_ago, first, first + count - 1))
+
+    runs(1, 4, "completed", "0 s", 20)          # in the last minute
+    runs(10, 3, "failed", "30 minutes", 100)     # in the last hour only
+    runs(20, 5, "completed", "3 hours", 50)      # history
+    with Database(db_dsn, max_size=2).open() as db:
+        throughput = PgAdminStore(db).status()["throughput"]
+        assert throughput["last_minute"]["queues"] == {RULES: {"completed": 4, "failed": 0, "avg_ms": 20.0}}
+        assert throughput["last_hour"]["queues"] == {RULES: {"completed": 4, "failed": 3, "avg_ms": 54.3}}
+
+        assert compact(db).ran
+        buckets = query(db_dsn, "SELECT bucket IS NULL AS history, sum(n)::int AS n FROM genesis.run_tallies "
+                                "GROUP BY 1 ORDER BY 1")
+        assert buckets == [{"history": False, "n": 7}, {"history": True, "n": 5}]
+        assert PgAdminStore(db).status()["throughput"] == throughput
+        assert_agree(db_dsn)
+        # nothing new: the folded rows stay as they are (no dead row per run of the job)
+        assert compact(db).rows_before == 0
+        # an hour later, as far as the buckets go: into history, counted still
+        query(db_dsn, "UPDATE genesis.run_tallies SET bucket = bucket - interval '2 hours' WHERE bucket IS NOT NULL")
+        assert compact(db).ran
+        assert query(db_dsn, "SELECT count(*) AS n FROM genesis.run_tallies WHERE bucket IS NOT NULL")[0]["n"] == 0
+        assert PgAdminStore(db).status()["queues"][RULES]["completed"] == 9
+
+    # runs that finished long ago (a DBA's import, retention's delete) count in history at once:
+    # one delta row for 500 runs ten seconds apart, not one per bucket
+    rows = query(db_dsn, "SELECT count(*) AS n FROM genesis.run_tallies")[0]["n"]
+    query(db_dsn, "INSERT INTO genesis.workflow_runs (queue, msg_id, type, status, started_at, finished_at) "
+                  "SELECT %s, g, 'genesis_rule_update', 'completed', now() - interval '2 days' - make_interval(secs => g * 10), "
+                  "now() - interval '2 days' - make_interval(secs => g * 10) FROM generate_series(1000::bigint, 1499::bigint) g",
+          (RULES,))
+    assert query(db_dsn, "SELECT count(*) AS n FROM genesis.run_tallies")[0]["n"] == rows + 1
+    assert tallied(db_dsn) == counted(db_dsn)     # (the buckets were aged by hand above: counts only)
+
+
+def test_migration_0015_moves_the_last_hours_runs_into_buckets_and_back(db_dsn: str) -> None:
+    """Runs recorded before 0015 count in the last hour after the upgrade; the downgrade keeps
+    every count (they are sums over all rows, whatever their bucket)."""
+    migrate_to(db_dsn, "0014", down=True)
+    query(db_dsn, "INSERT INTO genesis.workflow_runs (queue, msg_id, type, status, started_at, finished_at) "
+                  "SELECT %s, g, 'genesis_rule_update', CASE WHEN g %% 3 = 0 THEN 'failed' ELSE 'completed' END, "
+                  "now() - make_interval(mins => g::int, secs => 30.01), now() - make_interval(mins => g::int, secs => 30) "
+                  "FROM generate_series(1::bigint, 120::bigint) g", (RULES,))
+    migrate_to(db_dsn, "head")
+    assert_agree(db_dsn)
+    with Database(db_dsn, max_size=1).open() as db:
+        last_hour = PgAdminStore(db).status()["throughput"]["last_hour"]["queues"][RULES]
+    # finished 1.5, 2.5, ... 119.5 minutes ago: 59 in the last hour, every third one failed
+    assert last_hour == {"completed": 40, "failed": 19, "avg_ms": 10.0}
+    migrate_to(db_dsn, "0014", down=True)
+    assert tallied(db_dsn) == counted(db_dsn)
+    migrate_to(db_dsn, "head")
+    assert_agree(db_dsn)
+
+
+def test_the_dashboards_minutes_come_from_the_buckets(db_dsn: str) -> None:
+    query(db_dsn, "INSERT INTO genesis.workflow_runs (queue, msg_id, type, status, started_at, finished_at) "
+                  "SELECT %s, g, 'genesis_rule_update', CASE WHEN g <= 3 THEN 'completed' ELSE 'failed' END, "
+                  "date_trunc('minute', now()) - interval '5 minutes', "
+                  "date_trunc('minute', now()) - interval '5 minutes' + interval '20 s' "
+                  "FROM generate_series(1::bigint, 5::bigint) g", (RULES,))
+    query(db_dsn, "INSERT INTO genesis.workflow_runs (queue, msg_id, type, status, started_at, finished_at) "
+                  "VALUES (%s, 99, 'genesis_rule_update', 'completed', now(), now())", (RULES,))
+    expected: dict[str, Counter[Any]] = {"completed": Counter(), "failed": Counter()}
+    for r in query(db_dsn, "SELECT date_trunc('minute', finished_at) AS minute, status FROM genesis.workflow_runs"):
+        expected[r["status"]][r["minute"]] += 1
+    with Database(db_dsn, max_size=2).open() as db:
+        compact(db)
+        shown = PgDashboardStore(db).queues(10)
+        # by the minutes the store returns (a minute may turn between the inserts and the read)
+        for status in ("completed", "failed"):
+            assert shown["queues"][RULES][f"{status}_series"] == [expected[status][m] for m in shown["minutes"]]
+        assert (sum(shown["queues"][RULES]["completed_series"]), sum(shown["queues"][RULES]["failed_series"])) == (4, 2)
+        with pytest.raises(ValueError, match="minutes must be 1 to 64"):
+            PgDashboardStore(db).queues(120)
