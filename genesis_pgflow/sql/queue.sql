@@ -146,10 +146,9 @@ SELECT queue, sum(n)::bigint AS n FROM genesis.archive_tallies GROUP BY queue
 -- name: compact_tallies
 -- Fold the deltas of both tallies into one row per group (the scheduled job tally_compaction): run buckets older than 65 minutes go into history (bucket NULL); a group that is one row already is left alone, so a folded row is not rewritten every run. Rows added meanwhile by other transactions are not in this statement's snapshot and stay as they are; a row deleted meanwhile (a TRUNCATE) is not folded.
 WITH run_rows AS (
-    SELECT ctid AS row_id, bucket,
-           CASE WHEN bucket >= now() - interval '65 minutes' THEN bucket END AS into_bucket,
-           count(*) OVER (PARTITION BY queue, type, status,
-                          CASE WHEN bucket >= now() - interval '65 minutes' THEN bucket END) AS rows_in_group
+    -- a bucket is its own bucket while it is recent, NULL (history) after: one definition, the trigger's
+    SELECT ctid AS row_id, bucket, genesis.tally_bucket(bucket) AS into_bucket,
+           count(*) OVER (PARTITION BY queue, type, status, genesis.tally_bucket(bucket)) AS rows_in_group
     FROM genesis.run_tallies
 ), runs AS (
     DELETE FROM genesis.run_tallies t USING run_rows r

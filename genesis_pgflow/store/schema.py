@@ -132,10 +132,6 @@ def _ensure_archive_tallies(conn: psycopg.Connection) -> None:
             conn.execute(pgsql.SQL(sql("reset_archive_tally")).format(table=table), {"queue": name})
 
 
-def _migrate(dsn: str) -> None:
-    migrate_to(dsn, "head")
-
-
 def migrate_to(dsn: str, revision: str, *, down: bool = False) -> None:
     """The genesis schema upgraded (down=True: downgraded) to one Alembic revision ("head": the
     newest), in one transaction. upgrade() takes the lock and makes the queues first; tests of a
@@ -160,7 +156,7 @@ def upgrade(dsn: str) -> UpgradeReport:
             report.pgmq = _ensure_pgmq(conn)
             report.queues_created = _ensure_queues(conn)
             report.revision_before = _current_revision(conn)
-            _migrate(dsn)
+            migrate_to(dsn, "head")
             report.revision_after = _current_revision(conn)
             _ensure_wakeups(conn)
             _ensure_archive_tallies(conn)
