@@ -190,15 +190,13 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         try:
             consumer = app.consumer()
-            def stop(signum: int, _frame: object) -> None:
+            def stop(signum: int) -> None:
                 log.info("signal %s: finishing in-flight work", signum)
                 consumer.stop()
 
-            signal.signal(signal.SIGTERM, stop)
-            signal.signal(signal.SIGINT, stop)
             serving = (metrics.serving(app, consumer, settings.metrics_host, settings.metrics_port)
                        if settings.metrics_port is not None else contextlib.nullcontext())
-            with serving, _registered(app):
+            with on_signals((signal.SIGTERM, signal.SIGINT), stop), serving, _registered(app):
                 log.info("consuming %s with %d worker(s)", ",".join(settings.queues), settings.parallel)
                 # What start-up made (modules, settings, pools) lives as long as the process: kept
                 # out of the collector's generations, it is not traversed again by every collection.
@@ -210,6 +208,40 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     return _guarded(main)
+
+
+@contextlib.contextmanager
+def on_signals(signums: Sequence[int], action: Callable[[int], None]) -> Iterator[None]:
+    """Call action(signum) on a thread of its own when one of these signals arrives, while inside.
+
+    A Python signal handler runs on the main thread between two bytecodes, and that can be while
+    the main thread holds the lock inside the very Event it waits on (Condition.wait taking its
+    lock back): an Event.set() in the handler then waits for itself, forever. Seen: a SIGTERM that
+    never stopped the consumer. So the handler takes no lock: it writes the signal's number to a
+    pipe, and a thread that reads the pipe does the work."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def handler(signum: int, _frame: object) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe already holds a signal to act on
+            os.write(write_fd, bytes([signum]))
+
+    def relay() -> None:
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            while signums_read := pipe.read(64):    # b"" once the write end is closed
+                for signum in signums_read:
+                    action(signum)
+
+    thread = threading.Thread(target=relay, name="genesis-signals", daemon=True)
+    thread.start()
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        os.close(write_fd)
+        thread.join()
 
 
 @contextlib.contextmanager
@@ -569,18 +601,17 @@ def _status(app: App, args: argparse.Namespace) -> int:
         return EXIT_OK
     # Ctrl-C (or SIGTERM) ends the watch between two redraws, never inside a query: exit 0
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    while not stop.is_set():
-        status = _status_json(app)
-        if args.json:   # one object per line, for a pipe
-            print(json.dumps(status, default=str), flush=True)
-        else:   # clear the screen and redraw in place
-            stamp = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
-            sys.stdout.write(f"\x1b[H\x1b[2J{stamp}  every {args.interval:g} s, Ctrl-C to stop\n\n"
-                             f"{_status_text(status)}\n")
-            sys.stdout.flush()
-        stop.wait(args.interval)
+    with on_signals((signal.SIGINT, signal.SIGTERM), lambda _signum: stop.set()):
+        while not stop.is_set():
+            status = _status_json(app)
+            if args.json:   # one object per line, for a pipe
+                print(json.dumps(status, default=str), flush=True)
+            else:   # clear the screen and redraw in place
+                stamp = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
+                sys.stdout.write(f"\x1b[H\x1b[2J{stamp}  every {args.interval:g} s, Ctrl-C to stop\n\n"
+                                 f"{_status_text(status)}\n")
+                sys.stdout.flush()
+            stop.wait(args.interval)
     return EXIT_OK
 
 
@@ -858,12 +889,12 @@ def _dashboard(app: App, args: argparse.Namespace) -> int:
     board = dashboard.Dashboard.for_app(app, actions=args.actions, bind_host=args.host, served_by="genesis dashboard")
     server = metrics.serve_http(args.host, args.port, board.get_routes(), board.post_routes(), what="dashboard")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     try:
         shown = f"[{args.host}]" if ":" in args.host else args.host
         mode = "actions enabled" if args.actions else "read-only"
         print(f"dashboard on http://{shown}:{server.server_port}/ ({mode}); Ctrl-C to stop", flush=True)
-        stop.wait()     # until SIGTERM, or Ctrl-C (KeyboardInterrupt: exit 0)
+        with on_signals((signal.SIGINT, signal.SIGTERM), lambda _signum: stop.set()):
+            stop.wait()     # until SIGTERM or Ctrl-C: exit 0
     finally:
         server.shutdown()
         server.server_close()
