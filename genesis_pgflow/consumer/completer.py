@@ -251,6 +251,8 @@ class Completer:
 
 
 def _log_outcome(outcome: Outcome) -> None:
+    if outcome.error is None and not log.isEnabledFor(logging.DEBUG):
+        return      # a success is a debug line: its fields are not built for nothing
     m = outcome.message
     fields = {"queue": m.queue, "msg_id": m.msg_id, "workflow_id": outcome.workflow_id, "type": clip(m.type),
               "status": outcome.kind, "attempt": m.read_ct,
