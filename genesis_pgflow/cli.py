@@ -230,7 +230,10 @@ def on_signals(signums: Sequence[int], action: Callable[[int], None]) -> Iterato
         with os.fdopen(read_fd, "rb", buffering=0) as pipe:
             while signums_read := pipe.read(64):    # b"" once the write end is closed
                 for signum in signums_read:
-                    action(signum)
+                    try:
+                        action(signum)
+                    except Exception:  # noqa: BLE001 - the next signal must still be acted on
+                        log.exception("acting on signal %s failed", signum)
 
     thread = threading.Thread(target=relay, name="genesis-signals", daemon=True)
     thread.start()

@@ -33,11 +33,25 @@ def test_a_signal_landing_while_the_main_thread_holds_the_events_lock_still_sets
 
 def test_the_previous_handlers_are_back_after_and_the_relay_thread_is_gone() -> None:
     before = signal.getsignal(signal.SIGUSR2)
-    threads = set(threading.enumerate())
     with on_signals((signal.SIGUSR2,), lambda _signum: None):
         assert signal.getsignal(signal.SIGUSR2) is not before
+        assert any(t.name == "genesis-signals" for t in threading.enumerate())
     assert signal.getsignal(signal.SIGUSR2) is before
-    assert set(threading.enumerate()) == threads
+    assert not any(t.name == "genesis-signals" for t in threading.enumerate())
+
+
+def test_an_action_that_fails_does_not_end_the_relay() -> None:
+    seen: list[int] = []
+
+    def action(signum: int) -> None:
+        seen.append(signum)
+        if len(seen) == 1:
+            raise RuntimeError("the first stop failed")
+
+    with on_signals((signal.SIGUSR1,), action):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert seen == [signal.SIGUSR1, signal.SIGUSR1]
 
 
 def test_every_signal_is_relayed_in_order() -> None:
