@@ -25,7 +25,7 @@ from genesis_pgflow.dispatcher import Dispatcher
 from genesis_pgflow.messages import QUEUES, Outcome, ReadMessage
 from genesis_pgflow.store.queue import QueueStore
 
-from .completer import WRITE_BATCHES, Completer
+from .completer import Completer, write_most
 from .executor import Executor
 from .options import ConsumerOptions
 
@@ -41,7 +41,7 @@ class Producer:
         self.monotonic = monotonic
         # outcomes waiting to be written beyond which nothing is read
         # (two of the completer's largest writes: one under way, one waiting)
-        self.max_backlog = 2 * WRITE_BATCHES * max(options.batch_size, options.parallel)
+        self.max_backlog = 2 * write_most(max(options.batch_size, options.parallel))
         self.listening = False      # a LISTEN connection tells of new messages (set by the loop's listener)
         self._rotation = 0
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from genesis_pgflow.consumer import Consumer, ConsumerOptions
+from genesis_pgflow.consumer.completer import write_most
 from genesis_pgflow.dispatcher import Dispatcher
 from genesis_pgflow.errors import DatabaseUnavailable
 from genesis_pgflow.testing import MemoryQueueStore, wait_until
@@ -90,7 +91,7 @@ def test_the_next_batch_is_read_while_the_last_one_is_written():
     assert store.depth((Q,)) == 0 and len(store.archived(Q)) == 40
 
 
-def test_outcomes_share_a_transaction_up_to_two_batches():
+def test_outcomes_share_a_transaction_up_to_the_completers_most():
     store = HeldWrites(clock=time.monotonic)
     for i in range(60):
         store.send(Q, rule(i))
@@ -98,15 +99,38 @@ def test_outcomes_share_a_transaction_up_to_two_batches():
     thread = running(consumer)
     thread.join(30)
     assert not thread.is_alive()
-    assert sum(store.writes) == 60 and max(store.writes) <= 2 * 10     # completer.WRITE_BATCHES
+    assert sum(store.writes) == 60 and max(store.writes) <= write_most(10)
     assert len(store.writes) < 60           # batched: not one transaction per outcome
+
+
+def test_a_completer_behind_the_reads_writes_several_small_batches_in_one_transaction():
+    """At batch size 10 a completer whose writes are held gathers the outcomes of several reads
+    and writes them together, up to write_most (100), never more."""
+    store = HeldWrites(clock=time.monotonic)
+    for i in range(250):
+        store.send(Q, rule(i))
+    store.hold.set()
+    consumer = consumer_for(store, batch_size=10, parallel=2, drain=False)
+    thread = running(consumer)
+    try:
+        wait_until(lambda: consumer.completer.backlog() >= consumer.producer.max_backlog,
+                   what="the completer's backlog to fill")
+    finally:
+        store.hold.clear()
+        store.gate.set()
+        wait_until(lambda: store.depth((Q,)) == 0, what="the queue to drain once writes are taken")
+        consumer.stop()
+    thread.join(30)
+    assert write_most(10) == 100 and write_most(100) == 200
+    assert sum(store.writes) == 250 and max(store.writes) == write_most(10)
+    assert answered(store) == sorted(f"r{i}" for i in range(250))
 
 
 def test_a_backed_up_completer_stops_the_reading():
     """While the database takes no writes, the consumer holds at most max_backlog outcomes and
     the messages of the workers: it does not lease the whole queue."""
     store = HeldWrites(clock=time.monotonic)
-    for i in range(200):
+    for i in range(600):
         store.send(Q, rule(i))
     store.hold.set()
     consumer = consumer_for(store, batch_size=10, parallel=2, drain=False)
@@ -117,14 +141,14 @@ def test_a_backed_up_completer_stops_the_reading():
         leased = sum(1 for m in store.queues[Q].values() if m.read_ct > 0)
         # what is held, plus at most one read of a batch made before the backlog filled
         assert leased <= consumer.producer.max_backlog + consumer.options.batch_size + consumer.options.parallel
-        assert leased < 200
+        assert leased < 600
     finally:
         store.hold.clear()
         store.gate.set()
         wait_until(lambda: store.depth((Q,)) == 0, what="the queue to drain once writes are taken")
         consumer.stop()
         thread.join(30)
-    assert answered(store) == sorted(f"r{i}" for i in range(200))
+    assert answered(store) == sorted(f"r{i}" for i in range(600))
 
 
 def test_a_refused_write_is_written_again_and_nothing_is_lost_or_doubled(caplog):
