@@ -46,11 +46,56 @@ class Figures:
     wall_s: float = 0.0            # process start to exit, for the CLI runs
     peak_rss_mb: float | None = None
     rss_growth_mb: float | None = None
+    cpu: CpuSpent | None = None     # CPU over the steady part of the run (see CpuSpent)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class CpuSpent:
+    """CPU seconds over `messages` messages: the pipeline's own process (the consumer, or the bench
+    process for the in-process pipelines) and the whole machine (/proc/stat), whose rest is
+    PostgreSQL's backends on the bench's own server, plus whatever else runs on the machine."""
+
+    messages: int
+    client_s: float
+    machine_s: float
+
+    @property
+    def client_us(self) -> float:
+        return self.client_s / self.messages * 1e6
+
+    @property
+    def rest_us(self) -> float:
+        return max(0.0, self.machine_s - self.client_s) / self.messages * 1e6
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU of a live process, all its threads (/proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_s() -> float:
+    """CPU spent by every process on the machine so far (user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(v) for v in stat.readline().split()[1:8]]
+    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def cpu_spent(into: list[CpuSpent], messages: Callable[[], int]) -> Iterator[None]:
+    """The CPU of this process and of the machine over the block (an in-process pipeline)."""
+    client, machine = time.process_time(), machine_cpu_s()
+    yield
+    into.append(CpuSpent(messages(), time.process_time() - client, machine_cpu_s() - machine))
 
 
 class BenchDatabase:
@@ -165,12 +210,14 @@ def raw_pgmq(db: BenchDatabase, batch: int) -> int:
 def measure_raw(db: BenchDatabase, n: int, batch: int) -> Figures:
     db.fill_pgmq(n)
     out: list[Figures] = []
+    cpu: list[CpuSpent] = []
     with db.costs(out):
         start = time.perf_counter()
-        done = raw_pgmq(db, batch)
+        with cpu_spent(cpu, lambda: done):
+            done = raw_pgmq(db, batch)
         wall = time.perf_counter() - start
         counted, window = db.archive_window()
-        out.append(Figures(f"raw pgmq, batch {batch}", counted, window, wall_s=wall, extra={"done": done}))
+        out.append(Figures(f"raw pgmq, batch {batch}", counted, window, wall_s=wall, cpu=cpu[0], extra={"done": done}))
     return out[0]
 
 
@@ -194,14 +241,23 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-class RssSampler(threading.Thread):
-    """Samples a process's RSS (/proc) against the count of results written (the result queue's
-    sequence, read by a session on the bench database whose commits are counted and subtracted)."""
+@dataclass(frozen=True)
+class Sample:
+    done: int               # results written so far
+    rss_mb: float
+    cpu_s: float            # the process's CPU so far
+    machine_cpu_s: float    # the machine's
 
-    def __init__(self, pid: int, db: BenchDatabase, total: int, every_s: float = 0.25):
+
+class RssSampler(threading.Thread):
+    """Samples a process's RSS and CPU (/proc), and the machine's CPU, against the count of results
+    written (the result queue's sequence, read by a session on the bench database whose commits are
+    counted and subtracted)."""
+
+    def __init__(self, pid: int, db: BenchDatabase, total: int, every_s: float = 0.1):
         super().__init__(daemon=True)
         self.pid, self.db, self.total, self.every_s = pid, db, total, every_s
-        self.samples: list[tuple[int, float]] = []     # (results written, RSS MiB)
+        self.samples: list[Sample] = []
         self.queries = 0
         self.stop = threading.Event()
 
@@ -211,19 +267,30 @@ class RssSampler(threading.Thread):
                 row = conn.execute(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
                                    f"FROM pgmq.q_{RESULTS}_msg_id_seq").fetchone()
                 self.queries += 1
-                rss = rss_mb(self.pid)
-                if row is None or rss is None:
+                rss, cpu = rss_mb(self.pid), process_cpu_s(self.pid)
+                if row is None or rss is None or cpu is None:
                     continue
-                self.samples.append((int(row[0]), rss))
+                self.samples.append(Sample(int(row[0]), rss, cpu, machine_cpu_s()))
 
     def growth(self) -> float | None:
         """RSS at the end of the run minus RSS once 10% of the messages were done (start-up and
         first allocations behind)."""
-        warm = [rss for done, rss in self.samples if done >= self.total * 0.1]
-        late = [rss for done, rss in self.samples if done >= self.total * 0.9]
+        warm = [s.rss_mb for s in self.samples if s.done >= self.total * 0.1]
+        late = [s.rss_mb for s in self.samples if s.done >= self.total * 0.9]
         if not warm or not late:
             return None
         return max(late) - warm[0]
+
+    def cpu(self) -> CpuSpent | None:
+        """The CPU spent from the first sample with 10% of the messages done to the last one before
+        95%: the steady state, without start-up (imports, connections: about a second of CPU) or
+        exit."""
+        warm = [s for s in self.samples if s.done >= self.total * 0.1]
+        late = [s for s in warm if s.done <= self.total * 0.95]
+        if not late or late[-1].done <= warm[0].done:
+            return None
+        first, last = warm[0], late[-1]
+        return CpuSpent(last.done - first.done, last.cpu_s - first.cpu_s, last.machine_cpu_s - first.machine_cpu_s)
 
 
 def start_consumer(dsn: str, home: Path, args: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -278,7 +345,8 @@ def measure_genesis(db: BenchDatabase, n: int, label: str, args: Sequence[str], 
             wall = time.perf_counter() - start
             counted, window = db.archive_window()
             out.append(Figures(label, counted, window, wall_s=wall, peak_rss_mb=max(peaks),
-                               rss_growth_mb=sampler.growth() if processes == 1 else None))
+                               rss_growth_mb=sampler.growth() if processes == 1 else None,
+                               cpu=sampler.cpu() if processes == 1 else None))
     out[0].commits -= sampler.queries
     archived = db.execute(f"SELECT count(*) FROM pgmq.a_{Q}")[0][0]
     applied = db.execute("SELECT count(*) FROM genesis.rule_versions")[0][0]
@@ -368,9 +436,11 @@ def measure_pgqueuer(db: BenchDatabase, n: int, batch: int) -> Figures:
     asyncio.run(_pgqueuer_fill(url, n))
     db.settle()
     out: list[Figures] = []
+    cpu: list[CpuSpent] = []
     with db.costs(out):
-        done, seconds = asyncio.run(_pgqueuer_drain(url, batch))
-        out.append(Figures(f"PgQueuer, batch {batch}", done, seconds, wall_s=seconds))
+        with cpu_spent(cpu, lambda: done):
+            done, seconds = asyncio.run(_pgqueuer_drain(url, batch))
+        out.append(Figures(f"PgQueuer, batch {batch}", done, seconds, wall_s=seconds, cpu=cpu[0]))
     return out[0]
 
 

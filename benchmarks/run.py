@@ -98,6 +98,13 @@ class Report:
     def per_message(self, key: str, attr: str) -> float:
         return median([getattr(f, attr) / f.messages for f in self.rounds.get(key, []) if f.messages])
 
+    def cpu_us(self, key: str) -> tuple[float, float] | None:
+        """Median CPU per message in microseconds: the pipeline's process, the rest of the machine."""
+        spent = [f.cpu for f in self.rounds.get(key, []) if f.cpu is not None and f.cpu.messages]
+        if not spent:
+            return None
+        return median([c.client_us for c in spent]), median([c.rest_us for c in spent])
+
     def pair_ratio(self, key: str, other: str) -> float:
         """Median of the per-round ratios key / other (both measured in the same round)."""
         mine, theirs = self.rounds.get(key, []), self.rounds.get(other, [])
@@ -199,19 +206,23 @@ def print_tables(report: Report, latencies: list[lat.Latency], contended: list[l
     print(f"\nthroughput: medians of {len(report.ratios.get('raw100', []))} rounds; ratio = median of each round's "
           "rate / that round's raw floor")
     print(f"  {'pipeline':<44} {'N':>7} {'msg/s':>7} {'ratio':>6} {'commits/msg':>11} {'WAL B/msg':>9} "
-          f"{'dead/msg':>8} {'peak RSS':>9}")
+          f"{'dead/msg':>8} {'peak RSS':>9} {'CPU us/msg':>12}")
     for key, label, size in rows:
         if key not in report.rounds:
             if key.startswith("pgq"):
                 print(f"  {label.split(',')[0] + ' ' + label.split(',')[1]:<44} not installed (pip install '.[bench]')")
             continue
         rss = [f.peak_rss_mb for f in report.rounds[key] if f.peak_rss_mb is not None]
+        cpu = report.cpu_us(key)
         print(f"  {label:<44} {size:>7} {report.rate(key):7.0f} {report.ratio(key):5.2f}x "
               f"{report.per_message(key, 'commits'):11.2f} {report.per_message(key, 'wal_bytes'):9.0f} "
-              f"{report.per_message(key, 'dead_tuples'):8.2f} {(f'{median(rss):.0f} MiB' if rss else '-'):>9}")
+              f"{report.per_message(key, 'dead_tuples'):8.2f} {(f'{median(rss):.0f} MiB' if rss else '-'):>9} "
+              f"{(f'{cpu[0]:.0f} + {cpu[1]:.0f}' if cpu else '-'):>12}")
     startup = median([f.wall_s - f.seconds for f in report.rounds.get("genesis_p4_b100", [])])
     print(f"  (genesis-consume's rate is over its first to last completion transaction; start-up and exit "
           f"added {startup:.1f} s per run)")
+    print("  (CPU us/msg: the pipeline's own process + the rest of the machine, PostgreSQL's backends mostly;"
+          " genesis-consume's\n   from 10% to 95% of its messages, the others over the whole drain)")
 
     print("\nlatency, pgmq.send -> result committed (seen by a LISTENing session), genesis-consume defaults:")
     for item in latencies:

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.hotspots import own_time  # noqa: E402
 from benchmarks.latency import Latency, contention_targets, percentile  # noqa: E402
-from benchmarks.pipelines import Figures  # noqa: E402
+from benchmarks.pipelines import CpuSpent, Figures, RssSampler, Sample  # noqa: E402
 from benchmarks.run import Report, verdict  # noqa: E402
 
 
@@ -41,6 +41,32 @@ def test_costs_are_per_message() -> None:
     assert report.per_message("x", "commits") == 1.5
     assert report.per_message("x", "wal_bytes") == 100
     assert report.per_message("x", "dead_tuples") == 3.0
+
+
+def test_cpu_is_per_message_and_the_rest_is_the_machine_less_the_pipeline() -> None:
+    report = Report()
+    for client_s, machine_s in ((0.5, 1.5), (0.7, 1.2), (0.6, 1.6)):
+        figures = Figures("x", 10_000, 1.0, cpu=CpuSpent(10_000, client_s, machine_s))
+        report.add("x", figures, figures)
+    report.add("y", Figures("y", 10, 1.0), Figures("y", 10, 1.0))
+    cpu = report.cpu_us("x")
+    assert cpu is not None and (round(cpu[0], 6), round(cpu[1], 6)) == (60.0, 100.0)   # of 50/70/60, 100/50/100
+    assert report.cpu_us("y") is None               # not measured: no figure rather than 0
+    assert CpuSpent(100, 2.0, 1.0).rest_us == 0.0   # a machine counter read coarser than the process's
+
+
+def test_the_consumers_cpu_is_taken_between_10_and_95_percent_of_its_messages() -> None:
+    sampler = RssSampler(pid=0, db=None, total=1000)  # type: ignore[arg-type]
+    sampler.samples = [Sample(0, 50, 1.0, 10.0),        # start-up: not counted
+                       Sample(100, 60, 1.2, 10.5),      # 10%: from here
+                       Sample(500, 60, 1.4, 10.9),
+                       Sample(950, 60, 1.6, 11.3),      # 95%: to here
+                       Sample(1000, 60, 2.5, 12.0)]     # exit: not counted
+    cpu = sampler.cpu()
+    assert cpu is not None and cpu.messages == 850
+    assert round(cpu.client_s, 6) == 0.4 and round(cpu.machine_s, 6) == 0.8
+    sampler.samples = sampler.samples[:1] + sampler.samples[-1:]
+    assert sampler.cpu() is None                        # no steady part seen
 
 
 def test_own_time_counts_the_innermost_frame_only() -> None:
