@@ -103,32 +103,10 @@ def test_outcomes_share_a_transaction_up_to_the_completers_most():
     assert len(store.writes) < 60           # batched: not one transaction per outcome
 
 
-def test_a_completer_behind_the_reads_writes_several_small_batches_in_one_transaction():
-    """At batch size 10 a completer whose writes are held gathers the outcomes of several reads
-    and writes them together, up to write_most (100), never more."""
-    store = HeldWrites(clock=time.monotonic)
-    for i in range(250):
-        store.send(Q, rule(i))
-    store.hold.set()
-    consumer = consumer_for(store, batch_size=10, parallel=2, drain=False)
-    thread = running(consumer)
-    try:
-        wait_until(lambda: consumer.completer.backlog() >= consumer.producer.max_backlog,
-                   what="the completer's backlog to fill")
-    finally:
-        store.hold.clear()
-        store.gate.set()
-        wait_until(lambda: store.depth((Q,)) == 0, what="the queue to drain once writes are taken")
-        consumer.stop()
-    thread.join(30)
-    assert write_most(10) == 100 and write_most(100) == 200
-    assert sum(store.writes) == 250 and max(store.writes) == write_most(10)
-    assert answered(store) == sorted(f"r{i}" for i in range(250))
-
-
-def test_a_backed_up_completer_stops_the_reading():
+def test_a_backed_up_completer_stops_the_reading_then_writes_its_backlog_in_large_transactions():
     """While the database takes no writes, the consumer holds at most max_backlog outcomes and
-    the messages of the workers: it does not lease the whole queue."""
+    the messages of the workers: it does not lease the whole queue. Once writes are taken, the
+    outcomes of several reads of 10 share a transaction, up to write_most (100), never more."""
     store = HeldWrites(clock=time.monotonic)
     for i in range(600):
         store.send(Q, rule(i))
@@ -149,6 +127,8 @@ def test_a_backed_up_completer_stops_the_reading():
         consumer.stop()
         thread.join(30)
     assert answered(store) == sorted(f"r{i}" for i in range(600))
+    assert write_most(10) == 100 and write_most(100) == 200
+    assert sum(store.writes) == 600 and max(store.writes) == write_most(10)
 
 
 def test_a_refused_write_is_written_again_and_nothing_is_lost_or_doubled(caplog):
