@@ -44,8 +44,8 @@ class Stats:
 
 # Most final outcomes in one transaction: two batches (--batch-size), and at least WRITE_AT_LEAST.
 # A completion costs the same round trips for 10 outcomes as for 100, so at a small batch size a
-# cap of two batches left the completer behind the reads (the defaults, batch 10, drained 1.26x
-# faster with 100; make bench, paired).
+# cap of two batches left the completer behind the reads (at the defaults, batch 10, a drain of
+# rule updates ran 1.26x faster with 100: medians of 3 interleaved rounds).
 WRITE_BATCHES = 2
 WRITE_AT_LEAST = 100
 
