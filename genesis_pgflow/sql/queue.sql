@@ -10,16 +10,17 @@ WITH leased AS (
 )
 -- as text, so that the consumer decodes each message on its own; a body over the limit never
 -- leaves the server
-SELECT msg_id, read_ct, enqueued_at, size.body_bytes, size.headers_bytes,
-       CASE WHEN size.body_bytes <= %(max_payload_bytes)s THEN message::text END AS body,
-       CASE WHEN size.headers_bytes <= %(max_headers_bytes)s THEN headers::text END AS headers,
+SELECT msg_id, read_ct, enqueued_at, octet_length(written.body) AS body_bytes, octet_length(written.headers) AS headers_bytes,
+       CASE WHEN octet_length(written.body) <= %(max_payload_bytes)s THEN written.body END AS body,
+       CASE WHEN octet_length(written.headers) <= %(max_headers_bytes)s THEN written.headers END AS headers,
        -- what the failure of a body too large to fetch echoes, for correlation
-       CASE WHEN size.body_bytes > %(max_payload_bytes)s AND jsonb_typeof(message) = 'object' THEN
+       CASE WHEN octet_length(written.body) > %(max_payload_bytes)s AND jsonb_typeof(message) = 'object' THEN
            (SELECT jsonb_object_agg(key, value) FROM jsonb_each(message)
             WHERE key = ANY(%(id_fields)s::text[]) AND jsonb_typeof(value) IN ('string', 'number')
               AND octet_length(value::text) <= %(max_identifier_bytes)s)::text END AS identifiers
-FROM leased CROSS JOIN LATERAL (SELECT octet_length(message::text) AS body_bytes,
-                                       octet_length(headers::text) AS headers_bytes) AS size
+-- each document written out as text once (OFFSET 0 keeps the planner from copying the
+-- conversion into every expression that uses it)
+FROM leased CROSS JOIN LATERAL (SELECT message::text AS body, headers::text AS headers OFFSET 0) AS written
 ORDER BY msg_id
 
 -- name: lease_bare

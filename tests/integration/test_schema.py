@@ -237,3 +237,36 @@ def test_llm_config_lookups_use_the_index_though_statistics_were_taken_of_an_emp
     finally:
         db.close()
     assert seq_scan == 0 and idx_scan >= 30
+
+
+def _index_entries(dsn: str, index: str) -> float:
+    """The entries of an index of genesis.workflow_runs as ANALYZE counts them (pg_class.reltuples;
+    exact here, where it samples every row)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE genesis.workflow_runs")
+        row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (f"genesis.{index}",)).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def test_migration_0016_indexes_only_the_runs_not_finished_and_back(db_dsn: str) -> None:
+    """Finished runs (almost every run written) are no longer entries of the (status, type)
+    index; the runs still pending or running are, and a lookup of them uses it."""
+    _scalar(db_dsn, "INSERT INTO genesis.workflow_runs (queue, msg_id, type, status, started_at, finished_at) "
+                    "SELECT 'genesis_rule_updates', g, 'genesis_rule_update', "
+                    "CASE WHEN g <= 2 THEN 'pending' WHEN g = 3 THEN 'running' WHEN g % 2 = 0 THEN 'completed' "
+                    "ELSE 'failed' END, now(), now() FROM generate_series(1::bigint, 100::bigint) g RETURNING 1")
+    assert _index_entries(db_dsn, "workflow_runs_unfinished_idx") == 3
+    with psycopg.connect(db_dsn) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT msg_id FROM genesis.workflow_runs WHERE status = 'pending'").fetchall())
+        assert "workflow_runs_unfinished_idx" in plan
+        assert [r[0] for r in conn.execute(
+            "SELECT msg_id FROM genesis.workflow_runs WHERE status = 'pending' ORDER BY 1").fetchall()] == [1, 2]
+    schema.migrate_to(db_dsn, "0015", down=True)
+    assert _index_entries(db_dsn, "workflow_runs_status_idx") == 100
+    assert _scalar(db_dsn, "SELECT to_regclass('genesis.workflow_runs_unfinished_idx')") is None
+    schema.migrate_to(db_dsn, "head")
+    assert _index_entries(db_dsn, "workflow_runs_unfinished_idx") == 3
+    assert _scalar(db_dsn, "SELECT to_regclass('genesis.workflow_runs_status_idx')") is None
