@@ -35,6 +35,13 @@ from genesis_pgflow.store.retention import PgRetention, RetentionPolicy
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("genesis_pgflow")
 
+# The collector's thresholds while consuming: the young generation is collected every 10,000 net
+# allocations instead of 700 (each older one after 10 of the one below, as by default). A
+# message's objects live for one batch, yet at the defaults the collector took 0.17 to 0.26 s of a
+# drain of 20,000 rule updates (about 7% of the consumer's CPU; 0.04 to 0.05 s with these), and
+# the drain ran 8% to 32% faster in three alternating pairs.
+GC_THRESHOLDS = (10_000, 10, 10)
+
 
 # what a log call may pass in `extra=` to appear as a field of its line
 LOG_FIELDS = ("queue", "msg_id", "workflow_id", "type", "status", "code", "attempt", "duration_ms")
@@ -201,6 +208,7 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
                 # What start-up made (modules, settings, pools) lives as long as the process: kept
                 # out of the collector's generations, it is not traversed again by every collection.
                 gc.freeze()
+                gc.set_threshold(*GC_THRESHOLDS)
                 consumer.run()
             log.info("stopped: %s", dict(consumer.stats.outcomes))
         finally:
