@@ -63,14 +63,16 @@ SELECT pgmq.send(%(queue)s, %(message)s::jsonb) AS msg_id
 SELECT pgmq.send(%(queue)s, %(message)s::jsonb, %(headers)s::jsonb) AS msg_id
 
 -- name: record_final_runs
--- Record the final outcome of several runs of one queue, given as a JSON array of run objects.
+-- Record the final outcome of several runs of one queue from their result envelopes (the JSON array the results were sent from) and, in the same order, each request's enqueue time (a JSON array of texts); a run's error and result are its envelope's.
 INSERT INTO genesis.workflow_runs AS r (queue, msg_id, workflow_id, type, status, attempts, enqueued_at, started_at,
                                         finished_at, updated_at, consumer, error, result)
-SELECT %(queue)s, o.msg_id, o.workflow_id, o.type, o.status, o.attempts, o.enqueued_at, o.started_at,
-       o.finished_at, now(), %(consumer)s, o.error, o.result
-FROM jsonb_to_recordset(%(runs)s::jsonb)
-     AS o(msg_id bigint, workflow_id uuid, type text, status text, attempts int, enqueued_at timestamptz,
-          started_at timestamptz, finished_at timestamptz, error jsonb, result jsonb)
+SELECT %(queue)s, (e.value->'request'->>'msg_id')::bigint, (e.value->>'workflow_id')::uuid, e.value->'request'->>'type',
+       e.value->>'status', (e.value->'request'->>'attempt')::int, t.enqueued_at, (e.value->>'started_at')::timestamptz,
+       (e.value->>'finished_at')::timestamptz, now(), %(consumer)s,
+       nullif(e.value->'error', 'null'::jsonb), nullif(e.value->'result', 'null'::jsonb)
+FROM jsonb_array_elements(%(results)s::jsonb) WITH ORDINALITY AS e(value, n)
+     JOIN (SELECT value::timestamptz AS enqueued_at, n
+           FROM jsonb_array_elements_text(%(enqueued_at)s::jsonb) WITH ORDINALITY AS t(value, n)) AS t USING (n)
 ON CONFLICT (queue, msg_id) DO UPDATE
     SET workflow_id = EXCLUDED.workflow_id, type = EXCLUDED.type, status = EXCLUDED.status,
         attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,

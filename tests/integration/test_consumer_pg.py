@@ -144,10 +144,17 @@ def check_finished(dsn: str, queue: str, results_queue: str, msg_id: int, *, sta
     assert str(run["workflow_id"]) == envelope["workflow_id"]
     assert run["type"] == type_
     assert run["finished_at"] is not None and run["consumer"] == consumer
+    assert run["started_at"] == parse_ts(envelope["started_at"])
+    assert run["finished_at"] == parse_ts(envelope["finished_at"])
+    [archived] = query(dsn, f"SELECT enqueued_at FROM pgmq.a_{queue} WHERE msg_id = %s", (msg_id,))
+    assert run["enqueued_at"] == archived["enqueued_at"]
+    # SQL NULL, not a JSON null: the DBA views and the error triggers test IS NULL
+    [nulls] = query(dsn, "SELECT error IS NULL AS no_error, result IS NULL AS no_result FROM genesis.workflow_runs "
+                         "WHERE queue = %s AND msg_id = %s", (queue, msg_id))
     if status == "completed":
-        assert run["result"] == envelope["result"] and run["error"] is None
+        assert run["result"] == envelope["result"] and nulls == {"no_error": True, "no_result": False}
     else:
-        assert run["error"] == envelope["error"] and run["result"] is None
+        assert run["error"] == envelope["error"] and nulls == {"no_error": False, "no_result": True}
     return envelope
 
 
