@@ -62,22 +62,30 @@ SELECT pgmq.send(%(queue)s, %(message)s::jsonb) AS msg_id
 -- Send one JSON message with pgmq headers (null: none) to a queue.
 SELECT pgmq.send(%(queue)s, %(message)s::jsonb, %(headers)s::jsonb) AS msg_id
 
--- name: record_final_runs
--- Record the final outcome of several runs of one queue from their result envelopes (the JSON array the results were sent from) and, in the same order, each request's enqueue time (a JSON array of texts); a run's error and result are its envelope's.
-INSERT INTO genesis.workflow_runs AS r (queue, msg_id, workflow_id, type, status, attempts, enqueued_at, started_at,
-                                        finished_at, updated_at, consumer, error, result)
-SELECT %(queue)s, (e.value->'request'->>'msg_id')::bigint, (e.value->>'workflow_id')::uuid, e.value->'request'->>'type',
-       e.value->>'status', (e.value->'request'->>'attempt')::int, t.enqueued_at, (e.value->>'started_at')::timestamptz,
-       (e.value->>'finished_at')::timestamptz, now(), %(consumer)s,
-       nullif(e.value->'error', 'null'::jsonb), nullif(e.value->'result', 'null'::jsonb)
-FROM jsonb_array_elements(%(results)s::jsonb) WITH ORDINALITY AS e(value, n)
-     JOIN (SELECT value::timestamptz AS enqueued_at, n
-           FROM jsonb_array_elements_text(%(enqueued_at)s::jsonb) WITH ORDINALITY AS t(value, n)) AS t USING (n)
-ON CONFLICT (queue, msg_id) DO UPDATE
-    SET workflow_id = EXCLUDED.workflow_id, type = EXCLUDED.type, status = EXCLUDED.status,
-        attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
-        updated_at = now(), consumer = EXCLUDED.consumer, error = EXCLUDED.error, result = EXCLUDED.result,
-        next_attempt_at = NULL
+-- name: send_results
+-- Publish the result envelopes of several runs of one queue (a JSON array) to one queue, each with the pgmq headers at the same place of a second array (null: none), and record each run's final outcome from its envelope, with, in the same order, each request's enqueue time (a JSON array of texts): the envelopes are parsed once for both (parsing them cost as much as a fifth of the two writes). A run's error and result are its envelope's.
+WITH e AS MATERIALIZED (
+    SELECT value, n FROM jsonb_array_elements(%(results)s::jsonb) WITH ORDINALITY AS e(value, n)
+), runs AS (
+    INSERT INTO genesis.workflow_runs AS r (queue, msg_id, workflow_id, type, status, attempts, enqueued_at,
+                                            started_at, finished_at, updated_at, consumer, error, result)
+    SELECT %(queue)s, (e.value->'request'->>'msg_id')::bigint, (e.value->>'workflow_id')::uuid,
+           e.value->'request'->>'type', e.value->>'status', (e.value->'request'->>'attempt')::int, t.enqueued_at,
+           (e.value->>'started_at')::timestamptz, (e.value->>'finished_at')::timestamptz, now(), %(consumer)s,
+           nullif(e.value->'error', 'null'::jsonb), nullif(e.value->'result', 'null'::jsonb)
+    FROM e JOIN (SELECT value::timestamptz AS enqueued_at, n
+                 FROM jsonb_array_elements_text(%(enqueued_at)s::jsonb) WITH ORDINALITY AS t(value, n)) AS t USING (n)
+    ON CONFLICT (queue, msg_id) DO UPDATE
+        SET workflow_id = EXCLUDED.workflow_id, type = EXCLUDED.type, status = EXCLUDED.status,
+            attempts = EXCLUDED.attempts, started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
+            updated_at = now(), consumer = EXCLUDED.consumer, error = EXCLUDED.error, result = EXCLUDED.result,
+            next_attempt_at = NULL
+)
+SELECT msg_id FROM pgmq.send_batch(
+    %(destination)s,
+    ARRAY(SELECT value FROM e ORDER BY n),
+    ARRAY(SELECT nullif(h, 'null'::jsonb) FROM jsonb_array_elements(%(headers)s::jsonb) WITH ORDINALITY AS hs(h, n)
+          ORDER BY n)) AS msg_id
 
 -- name: schedule_retries
 -- Make messages visible again after their backoff delays (seconds), only those still leased by this read (same read_ct); returns their ids.

@@ -223,32 +223,25 @@ class PgQueueStore:
             if not mine:
                 continue
             dead = [o for o in mine if o.kind == "dead_letter"]
-            envelopes = {id(o): envelope(o, self.consumer) for o in mine}
-            destinations = _by_destination(mine)
-            results: str | None = None      # every envelope of `mine`, in order, as JSON text
-            with conn.pipeline():   # three statements (and a create per new reply_to queue), one round trip
-                for destination, answers in destinations.items():
+            with conn.pipeline():   # a statement per destination (and a create per new reply_to queue), one round trip
+                for destination, answers in _by_destination(mine).items():
                     if destination != result_queue(queue) and destination not in self._reply_queues:
                         # first use here: pgmq.create is idempotent and locks the name against a racing twin
                         conn.execute(sql("create_queue"), {"queue": destination})
-                    sent = _json_text([envelopes[id(o)] for o in answers])
-                    if len(destinations) == 1:
-                        results = sent      # answers is mine: the run records read the same text
-                    # a result carries its request's pgmq headers (a producer's correlation id)
-                    conn.execute(sql("send_batch"), {"queue": destination, "messages": sent,
-                                                     "headers": Jsonb([request_headers(o) for o in answers])})
+                    # each result carries its request's pgmq headers (a producer's correlation id), and
+                    # each run is recorded as its result says, from the same JSON text
+                    conn.execute(sql("send_results"), {
+                        "queue": queue, "destination": destination, "consumer": self.consumer,
+                        "results": _json_text([envelope(o, self.consumer) for o in answers]),
+                        "headers": Jsonb([request_headers(o) for o in answers]),
+                        # as JSON text: psycopg spends about 8 us per element dumping a list of datetimes
+                        "enqueued_at": _json_text([o.message.enqueued_at.isoformat() for o in answers])})
                 if dead:
                     conn.execute(sql("send_batch"), {
                         "queue": dead_letter_queue(queue),
                         "messages": Jsonb([self.cipher.seal_dead_letter(queue, o.message.body) if self.cipher
                                            else o.message.body for o in dead]),
                         "headers": Jsonb([dead_letter_headers(o) for o in dead])})
-                # each run as its result says it: the envelopes' JSON, written out once for both
-                conn.execute(sql("record_final_runs"), {
-                    "queue": queue, "consumer": self.consumer,
-                    "results": results if results is not None else _json_text([envelopes[id(o)] for o in mine]),
-                    # as JSON text: psycopg spends about 8 us per element dumping a list of datetimes
-                    "enqueued_at": _json_text([o.message.enqueued_at.isoformat() for o in mine])})
             applied += mine
         return applied
 
