@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -132,6 +133,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+@functools.lru_cache(maxsize=256)     # a few statements for a few queues: composed once each
 def _table(query: str, table: str) -> pgsql.Composed:
     return pgsql.SQL(sql(query)).format(table=pgsql.Identifier(table))
 
@@ -157,7 +159,8 @@ class PgQueueStore:
         params = {"queue": queue, "qty": qty, "lease_s": lease_s, **self._limit_params()}
         try:
             # one statement, so its own transaction: one round trip
-            rows = self.db.run(lambda conn: conn.execute(sql("read_batch"), params).fetchall(), single=True)
+            query = _table("read_batch", f"q_{queue}")
+            rows = self.db.run(lambda conn: conn.execute(query, params).fetchall(), single=True)
         except StoreError as exc:
             if _server_away(exc):
                 raise
