@@ -53,8 +53,14 @@ FROM pgmq.{table} CROSS JOIN LATERAL (SELECT octet_length(message::text) AS body
 WHERE msg_id = %(msg_id)s
 
 -- name: archive_batch
--- Move messages from a queue to its archive; returns the ids that were still in the queue.
-SELECT archived AS msg_id FROM pgmq.archive(%(queue)s, %(msg_ids)s::bigint[]) AS archived
+-- Move messages from a queue ({table}) to its archive ({archive}); returns the ids that were still in the queue. pgmq.archive's own statement, prepared here: pgmq.archive builds and plans it anew on every call.
+WITH archived AS (
+    DELETE FROM pgmq.{table} WHERE msg_id = ANY(%(msg_ids)s::bigint[])
+    RETURNING msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers
+)
+INSERT INTO pgmq.{archive} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
+SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM archived
+RETURNING msg_id
 
 -- name: send_batch
 -- Send the elements of a JSON array as messages to one queue, each with the pgmq headers at the same place of a second array (null: none).
@@ -73,7 +79,7 @@ SELECT pgmq.send(%(queue)s, %(message)s::jsonb) AS msg_id
 SELECT pgmq.send(%(queue)s, %(message)s::jsonb, %(headers)s::jsonb) AS msg_id
 
 -- name: send_results
--- Publish the result envelopes of several runs of one queue (a JSON array) to one queue, each with the pgmq headers at the same place of a second array (null: none), and record each run's final outcome from its envelope, with, in the same order, each request's enqueue time (a JSON array of texts): the envelopes are parsed once for both (parsing them cost as much as a fifth of the two writes). A run's error and result are its envelope's.
+-- Publish the result envelopes of several runs of one queue (a JSON array) to one queue ({table}), each with the pgmq headers at the same place of a second array (null: none), and record each run's final outcome from its envelope, with, in the same order, each request's enqueue time (a JSON array of texts): the envelopes are parsed once for both (parsing them cost as much as a fifth of the two writes). A run's error and result are its envelope's.
 WITH e AS MATERIALIZED (
     SELECT value, n FROM jsonb_array_elements(%(results)s::jsonb) WITH ORDINALITY AS e(value, n)
 ), runs AS (
@@ -91,11 +97,12 @@ WITH e AS MATERIALIZED (
             updated_at = now(), consumer = EXCLUDED.consumer, error = EXCLUDED.error, result = EXCLUDED.result,
             next_attempt_at = NULL
 )
-SELECT msg_id FROM pgmq.send_batch(
-    %(destination)s,
-    ARRAY(SELECT value FROM e ORDER BY n),
-    ARRAY(SELECT nullif(h, 'null'::jsonb) FROM jsonb_array_elements(%(headers)s::jsonb) WITH ORDINALITY AS hs(h, n)
-          ORDER BY n)) AS msg_id
+-- the results, as pgmq.send_batch inserts them (its statement, prepared here for the queue's table)
+INSERT INTO pgmq.{table} (vt, message, headers)
+SELECT clock_timestamp(), e.value, nullif(h.h, 'null'::jsonb)
+FROM e JOIN jsonb_array_elements(%(headers)s::jsonb) WITH ORDINALITY AS h(h, n) USING (n)
+ORDER BY n
+RETURNING msg_id
 
 -- name: schedule_retries
 -- Make messages visible again after their backoff delays (seconds), only those still leased by this read (same read_ct); returns their ids.

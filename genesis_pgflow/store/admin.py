@@ -12,14 +12,13 @@ from typing import Any
 
 import psycopg
 from psycopg import conninfo
-from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
 
 from genesis_pgflow.errors import ConfigurationError
 from genesis_pgflow.messages import QUEUES, dead_letter_queue, reply_queue_family, result_queue
 from genesis_pgflow.store.control import COMMANDS
 from genesis_pgflow.store.database import Conn, Database, one
-from genesis_pgflow.store.queries import sql
+from genesis_pgflow.store.queries import sql, with_tables
 
 
 def package_version() -> str:
@@ -44,10 +43,6 @@ def shown_dsn(dsn: str, *, show_password: bool = False) -> str:
 def _request_queue(queue: str) -> None:
     if queue not in QUEUES:
         raise ConfigurationError(f"not a request queue: {queue!r} (one of {', '.join(QUEUES)})")
-
-
-def _table(query: str, **tables: str) -> pgsql.Composed:
-    return pgsql.SQL(sql(query)).format(**{k: pgsql.Identifier(v) for k, v in tables.items()})
 
 
 @dataclass(frozen=True)
@@ -166,8 +161,8 @@ class PgAdminStore:
 
         def tx(conn: Conn) -> dict[str, Any] | None:
             run = conn.execute(sql("run_row"), params).fetchone()
-            queued = conn.execute(_table("run_queue_row", table=f"q_{queue}"), params).fetchone()
-            archived = conn.execute(_table("run_archive_row", table=f"a_{queue}"), params).fetchone()
+            queued = conn.execute(with_tables("run_queue_row", table=f"q_{queue}"), params).fetchone()
+            archived = conn.execute(with_tables("run_archive_row", table=f"a_{queue}"), params).fetchone()
             if run is None and queued is None and archived is None:
                 return None
             letters = self._explained_dead_letters(conn, queue, 1000)
@@ -181,7 +176,7 @@ class PgAdminStore:
                 "queue": queue, "msg_id": msg_id, "run": run,
                 "errors": conn.execute(sql("run_errors"), params).fetchall(),
                 "in_queue": queued, "archived": archived, "results_queue": answers,
-                "results_waiting": conn.execute(_table("run_result_messages", table=f"q_{answers}"),
+                "results_waiting": conn.execute(with_tables("run_result_messages", table=f"q_{answers}"),
                                                 params).fetchall(),
                 "dead_letter": next(({"queue": dead_letter_queue(queue), "msg_id": d["msg_id"],
                                       "enqueued_at": d["enqueued_at"]}
@@ -195,7 +190,7 @@ class PgAdminStore:
 
     @staticmethod
     def _explained_dead_letters(conn: Conn, queue: str, limit: int) -> list[dict[str, Any]]:
-        query = _table("dead_letters_explained", dlq=f"q_{dead_letter_queue(queue)}", archive=f"a_{queue}")
+        query = with_tables("dead_letters_explained", dlq=f"q_{dead_letter_queue(queue)}", archive=f"a_{queue}")
         rows = conn.execute(query, {"queue": queue, "limit": limit}).fetchall()
         return [{**row, "queue": dead_letter_queue(queue), "original_queue": queue} for row in rows]
 
@@ -206,7 +201,7 @@ class PgAdminStore:
         dlq = dead_letter_queue(queue)
 
         def tx(conn: Conn) -> list[tuple[int, int]]:
-            rows = conn.execute(_table("take_dead_letters", table=f"q_{dlq}"),
+            rows = conn.execute(with_tables("take_dead_letters", table=f"q_{dlq}"),
                                 {"all": not msg_ids, "msg_ids": list(msg_ids)}).fetchall()
             missing = sorted(set(msg_ids) - {row["msg_id"] for row in rows})
             if missing:

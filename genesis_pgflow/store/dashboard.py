@@ -6,16 +6,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from psycopg import sql as pgsql
-
 from genesis_pgflow.messages import QUEUES, dead_letter_queue
 from genesis_pgflow.store.database import Conn, Database, one
-from genesis_pgflow.store.queries import sql
-
-
-def _table(query: str, **tables: str) -> pgsql.Composed:
-    return pgsql.SQL(sql(query)).format(**{k: pgsql.Identifier(v) for k, v in tables.items()})
-
+from genesis_pgflow.store.queries import sql, with_tables
 
 # the throughput series come from the tallies' buckets, kept 65 minutes (migration 0015)
 MAX_MINUTES = 64
@@ -50,7 +43,7 @@ class PgDashboardStore:
             for queue, (kind, results) in QUEUES.items():
                 m = metrics.get(queue, {})
                 depth = {r["minute"]: r["depth"] for r in conn.execute(
-                    _table("depth_per_minute", queue=f"q_{queue}", archive=f"a_{queue}"), {"minutes": minutes})}
+                    with_tables("depth_per_minute", queue=f"q_{queue}", archive=f"a_{queue}"), {"minutes": minutes})}
                 queues[queue] = {
                     "type": kind,
                     "depth": m.get("queue_length", 0),

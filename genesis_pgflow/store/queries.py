@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
+
+from psycopg import sql as pgsql
 
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 _HEADER = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.M)
@@ -56,3 +58,10 @@ def sql(name: str) -> str:
         return load()[name].sql
     except KeyError:
         raise KeyError(f"no SQL query named {name!r} in {SQL_DIR}") from None
+
+
+@lru_cache(maxsize=512)     # a few statements for a few queues each: composed once
+def with_tables(name: str, **tables: str) -> pgsql.Composed:
+    """A named query whose {placeholders} name tables (a queue's `q_<queue>`, its archive
+    `a_<queue>`), each quoted as an identifier."""
+    return pgsql.SQL(sql(name)).format(**{k: pgsql.Identifier(v) for k, v in tables.items()})

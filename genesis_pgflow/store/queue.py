@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections import defaultdict
@@ -10,7 +9,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import psycopg
-from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
 
 from genesis_pgflow.cipher import SecretCipher
@@ -32,7 +30,7 @@ from genesis_pgflow.messages import (
     take_in,
 )
 from genesis_pgflow.store.database import Conn, Database, Listener, StoreError, one
-from genesis_pgflow.store.queries import sql
+from genesis_pgflow.store.queries import sql, with_tables
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +131,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-@functools.lru_cache(maxsize=256)     # a few statements for a few queues: composed once each
-def _table(query: str, table: str) -> pgsql.Composed:
-    return pgsql.SQL(sql(query)).format(table=pgsql.Identifier(table))
-
-
 class PgQueueStore:
     """QueueStore on PostgreSQL with pgmq; each method is one transaction of named queries."""
 
@@ -159,7 +152,7 @@ class PgQueueStore:
         params = {"queue": queue, "qty": qty, "lease_s": lease_s, **self._limit_params()}
         try:
             # one statement, so its own transaction: one round trip
-            query = _table("read_batch", f"q_{queue}")
+            query = with_tables("read_batch", table=f"q_{queue}")
             rows = self.db.run(lambda conn: conn.execute(query, params).fetchall(), single=True)
         except StoreError as exc:
             if _server_away(exc):
@@ -180,7 +173,7 @@ class PgQueueStore:
 
     def _read_one_by_one(self, queue: str, params: dict[str, Any]) -> list[ReadMessage]:
         leases = self.db.run(lambda conn: conn.execute(sql("lease_bare"), params).fetchall())
-        query = _table("read_body", f"q_{queue}")
+        query = with_tables("read_body", table=f"q_{queue}")
         messages = []
         for lease in leases:
             body_params = {"msg_id": lease["msg_id"], **self._limit_params()}
@@ -220,7 +213,8 @@ class PgQueueStore:
             ids = _bigint_array([o.message.msg_id for o in items])
             # Archive first: only what this transaction removed from the queue gets a result, so a
             # message finished elsewhere (lease lost) or by a retried commit is never answered twice.
-            archived = {row["msg_id"] for row in conn.execute(sql("archive_batch"), {"queue": queue, "msg_ids": ids})}
+            archive = with_tables("archive_batch", table=f"q_{queue}", archive=f"a_{queue}")
+            archived = {row["msg_id"] for row in conn.execute(archive, {"msg_ids": ids})}
             # deferred state writes (rules, LLM configurations) join this transaction
             mine = settle([o for o in items if o.message.msg_id in archived], conn)
             if not mine:
@@ -233,8 +227,8 @@ class PgQueueStore:
                         conn.execute(sql("create_queue"), {"queue": destination})
                     # each result carries its request's pgmq headers (a producer's correlation id), and
                     # each run is recorded as its result says, from the same JSON text
-                    conn.execute(sql("send_results"), {
-                        "queue": queue, "destination": destination, "consumer": self.consumer,
+                    conn.execute(with_tables("send_results", table=f"q_{destination}"), {
+                        "queue": queue, "consumer": self.consumer,
                         "results": _json_text([envelope(o, self.consumer) for o in answers]),
                         "headers": Jsonb([request_headers(o) for o in answers]),
                         # as JSON text: psycopg spends about 8 us per element dumping a list of datetimes
@@ -256,7 +250,7 @@ class PgQueueStore:
                     "read_cts": [o.message.read_ct for o in items], "delays": [o.retry_after_s for o in items]}
                 # fenced by the read count: a retry of a read whose lease was lost (the message read
                 # again elsewhere, or finished) touches neither the message nor its run
-                kept = [r["msg_id"] for r in conn.execute(_table("schedule_retries", f"q_{queue}"), params)]
+                kept = [r["msg_id"] for r in conn.execute(with_tables("schedule_retries", table=f"q_{queue}"), params)]
                 if not kept:
                     continue
                 runs = [{**row, "delay_s": o.retry_after_s, "error": o.error.as_json() if o.error else None}
@@ -273,8 +267,8 @@ class PgQueueStore:
 
         def tx(conn: Conn) -> None:
             for queue, items in by_queue.items():
-                conn.execute(_table("record_running", f"q_{queue}"), {"queue": queue, "consumer": self.consumer,
-                                                                      "runs": Jsonb(_run_rows(items))})
+                conn.execute(with_tables("record_running", table=f"q_{queue}"),
+                             {"queue": queue, "consumer": self.consumer, "runs": Jsonb(_run_rows(items))})
         if runs:
             self.db.run(tx)
 
@@ -291,7 +285,7 @@ class PgQueueStore:
                                   "read_cts": list(read_cts) if read_cts is not None else [None] * len(msg_ids)}
 
         def tx(conn: Conn) -> None:
-            released = [r["msg_id"] for r in conn.execute(_table("release_messages", f"q_{queue}"), params)]
+            released = [r["msg_id"] for r in conn.execute(with_tables("release_messages", table=f"q_{queue}"), params)]
             conn.execute(sql("release_runs"), {**params, "released": released})
         self.db.run(tx)
 
