@@ -12,6 +12,11 @@ SELECT pg_advisory_unlock(hashtext(%(key)s))
 -- Whether pgmq is installed (as an extension or by the SQL-only installer).
 SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgmq')
 
+-- name: pgmq_message_columns
+-- The columns of pgmq's message record (a queue table's row as pgmq returns it): what its version has.
+SELECT a.attname AS name FROM pg_attribute a JOIN pg_type t ON t.typrelid = a.attrelid
+WHERE t.typnamespace = 'pgmq'::regnamespace AND t.typname = 'message_record' AND a.attnum > 0 AND NOT a.attisdropped
+
 -- name: pgmq_extension_available
 -- Whether the server can CREATE EXTENSION pgmq.
 SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq')

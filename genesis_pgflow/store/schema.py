@@ -68,6 +68,21 @@ def _ensure_pgmq(conn: psycopg.Connection) -> str:
     return "sql"
 
 
+# What the consumer's statements use of a queue's row (sql/queue.sql writes pgmq's own statements
+# for its tables): `headers` came with pgmq 1.5, `last_read_at` with 1.10.
+PGMQ_COLUMNS = ("headers", "last_read_at")
+
+
+def _pgmq_too_old(conn: psycopg.Connection) -> str | None:
+    """Why the installed pgmq cannot serve the consumer, or None."""
+    have = {row[0] for row in conn.execute(sql("pgmq_message_columns"))}
+    missing = [column for column in PGMQ_COLUMNS if column not in have]
+    if not missing:
+        return None
+    return (f"pgmq is too old: its messages have no {', '.join(missing)} (pgmq 1.10 or newer has them); "
+            "update it (ALTER EXTENSION pgmq UPDATE), then run `genesis db upgrade`")
+
+
 def _ensure_queues(conn: psycopg.Connection) -> list[str]:
     existing = {row[0] for row in conn.execute(sql("list_queues"))}
     created = []
@@ -154,6 +169,9 @@ def upgrade(dsn: str) -> UpgradeReport:
         conn.execute(sql("advisory_lock"), {"key": UPGRADE_LOCK})
         try:
             report.pgmq = _ensure_pgmq(conn)
+            too_old = _pgmq_too_old(conn)
+            if too_old:
+                raise SchemaBehind(too_old)
             report.queues_created = _ensure_queues(conn)
             report.revision_before = _current_revision(conn)
             migrate_to(dsn, "head")
@@ -175,7 +193,8 @@ def problems(dsn: str) -> list[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         if not one(conn.execute(sql("pgmq_schema_exists")))[0]:
             return ["pgmq is not installed"]
-        found: list[str] = []
+        too_old = _pgmq_too_old(conn)
+        found: list[str] = [too_old] if too_old else []
         existing = {row[0] for row in conn.execute(sql("list_queues"))}
         missing = [q for q in all_queue_names() if q not in existing]
         if missing:

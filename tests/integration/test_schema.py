@@ -270,3 +270,20 @@ def test_migration_0016_indexes_only_the_runs_not_finished_and_back(db_dsn: str)
     schema.migrate_to(db_dsn, "head")
     assert _index_entries(db_dsn, "workflow_runs_unfinished_idx") == 3
     assert _scalar(db_dsn, "SELECT to_regclass('genesis.workflow_runs_status_idx')") is None
+
+
+def test_a_pgmq_too_old_for_the_consumers_statements_is_named_not_run_against(db_dsn: str) -> None:
+    """The consumer runs pgmq's own statements on the queue tables (sql/queue.sql), which use
+    `headers` (pgmq 1.5) and `last_read_at` (pgmq 1.10). A pgmq whose messages lack one (here the
+    column taken off pgmq's message record, as an older release has it) stops `genesis db upgrade`
+    and the consumer's start with the column named, instead of failing on every read."""
+    assert schema.problems(db_dsn) == []
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TYPE pgmq.message_record DROP ATTRIBUTE last_read_at")
+    with pytest.raises(SchemaBehind, match=r"pgmq is too old: its messages have no last_read_at "
+                                           r"\(pgmq 1\.10 or newer"):
+        schema.upgrade(db_dsn)
+    [problem] = schema.problems(db_dsn)
+    assert "no last_read_at" in problem and "ALTER EXTENSION pgmq UPDATE" in problem
+    with pytest.raises(SchemaBehind, match="pgmq is too old"):
+        schema.require_current(db_dsn)
