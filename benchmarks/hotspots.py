@@ -4,7 +4,10 @@
 
 Needs py-spy (pip install '.[bench]') and ptrace rights over the child (root, or
 kernel.yama.ptrace_scope 0). Runs on a throwaway PostgreSQL of its own, as make bench does.
-Own time: the samples in which the frame is the innermost one; --idle counts waiting threads too.
+Own time: the samples in which the frame is the innermost one. By default only the thread holding
+the interpreter lock is sampled (py-spy --gil): py-spy's idle detection does not see a thread
+blocked in C (a lock, a socket) as idle here, so without it Condition.wait and psycopg's
+Connection.wait topped the list; --idle counts every thread, waiting or not.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def main() -> None:
         db.fill_pgmq(args.messages)
         out = Path(tmp) / "profile.txt"
         command = [py_spy, "record", "--format", "raw", "--rate", str(args.rate), "-o", str(out),
-                   *(["--idle"] if args.idle else []), "--", str(GENESIS_CONSUME), "--drain", *args.consumer_args]
+                   *(["--idle"] if args.idle else ["--gil"]),
+                   "--", str(GENESIS_CONSUME), "--drain", *args.consumer_args]
         done = subprocess.run(command, env=cli_env(db.dsn, Path(tmp)), capture_output=True, text=True, check=False)
         if done.returncode != 0 or not out.exists():
             sys.exit(f"py-spy failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -63,7 +67,7 @@ def main() -> None:
     own, total = own_time(collapsed)
     print(f"genesis-consume --drain {' '.join(args.consumer_args)} on {args.messages:,} rule updates ({where}); "
           f"{archived / seconds if seconds else 0:.0f} msg/s under py-spy; {total} samples"
-          f"{' (idle included)' if args.idle else ' on CPU'}")
+          f"{' (idle included)' if args.idle else ' holding the interpreter lock'}")
     print(f"  {'own':>6}  frame")
     for frame, count in own.most_common(args.top):
         print(f"  {100 * count / total:5.1f}%  {frame}")
