@@ -146,8 +146,13 @@ def check_finished(dsn: str, queue: str, results_queue: str, msg_id: int, *, sta
     assert run["finished_at"] is not None and run["consumer"] == consumer
     assert run["started_at"] == parse_ts(envelope["started_at"])
     assert run["finished_at"] == parse_ts(envelope["finished_at"])
-    [archived] = query(dsn, f"SELECT enqueued_at FROM pgmq.a_{queue} WHERE msg_id = %s", (msg_id,))
+    [archived] = query(dsn, f"SELECT enqueued_at, read_ct, last_read_at, vt, archived_at FROM pgmq.a_{queue} "
+                            "WHERE msg_id = %s", (msg_id,))
     assert run["enqueued_at"] == archived["enqueued_at"]
+    # the archive keeps the request's row as its last read left it (pgmq's columns, as pgmq.archive does)
+    assert archived["read_ct"] == attempt and archived["last_read_at"] is not None, archived
+    assert archived["enqueued_at"] <= archived["last_read_at"] <= archived["archived_at"]
+    assert archived["vt"] > archived["last_read_at"], "leased by that read"
     # SQL NULL, not a JSON null: the DBA views and the error triggers test IS NULL
     [nulls] = query(dsn, "SELECT error IS NULL AS no_error, result IS NULL AS no_result FROM genesis.workflow_runs "
                          "WHERE queue = %s AND msg_id = %s", (queue, msg_id))
