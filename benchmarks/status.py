@@ -19,6 +19,7 @@ import psycopg
 from genesis_pgflow.messages import QUEUES
 from genesis_pgflow.store.admin import PgAdminStore
 from genesis_pgflow.store.database import Database
+from genesis_pgflow.store.tallies import compact
 
 QUEUE_NAMES = list(QUEUES)
 TYPES = [kind for kind, _results in QUEUES.values()]
@@ -72,6 +73,9 @@ def _median_ms(fn: Callable[[], object]) -> float:
 def measure_status(dsn: str, runs: int, archived: int) -> StatusFigures:
     fill(dsn, runs, archived)
     with Database(dsn, max_size=2).open() as db:
+        # what the consumers' tally job does every few seconds (once here, over all of the fill)
+        while compact(db).folded is None:
+            time.sleep(0.1)
         store = PgAdminStore(db)
         status_ms = _median_ms(store.status)
     with psycopg.connect(dsn, autocommit=True) as conn:

@@ -163,39 +163,43 @@ WHERE queue = %(queue)s AND msg_id = ANY(%(released)s::bigint[]) AND status = 'r
 SELECT queue_name, queue_length, queue_visible_length, oldest_msg_age_sec, total_messages FROM pgmq.metrics_all()
 
 -- name: run_counts
--- Runs per queue, type and status, from the tallies (migration 0009): no scan of history.
+-- Runs per queue, type and status, from the tallies (migrations 0009, 0017): no scan of history.
 SELECT queue, coalesce(type, '(none)') AS type, status, sum(n)::bigint AS n
 FROM genesis.run_tallies GROUP BY queue, type, status HAVING sum(n) <> 0
 
 -- name: archived_counts
--- How many messages each request queue has archived, from the tallies (migration 0009).
+-- How many messages each request queue has archived, from the tallies (migrations 0009, 0017).
 SELECT queue, sum(n)::bigint AS n FROM genesis.archive_tallies GROUP BY queue
 
+-- name: fold_tallies
+-- Count the runs and archived messages written since the last fold into the folded tallies and move the horizon past them (migration 0017), once min_rows runs are past it or max_wait_s after the last fold (0: not yet); NULL: a write that holds the horizon is still open, nothing done.
+SELECT genesis.fold_tallies(%(min_rows)s, %(max_wait_s)s) AS folded
+
 -- name: compact_tallies
--- Fold the deltas of both tallies into one row per group (the scheduled job tally_compaction): run buckets older than 65 minutes go into history (bucket NULL); a group that is one row already is left alone, so a folded row is not rewritten every run. Rows added meanwhile by other transactions are not in this statement's snapshot and stay as they are; a row deleted meanwhile (a TRUNCATE) is not folded.
+-- Merge the rows of both folded tallies into one per group (the scheduled job tally_compaction, after fold_tallies): run buckets older than 65 minutes go into history (bucket NULL); a group that is one row already is left alone, so a folded row is not rewritten every run. Rows added meanwhile by other transactions are not in this statement's snapshot and stay as they are; a row deleted meanwhile (a TRUNCATE) is not folded.
 WITH run_rows AS (
     -- a bucket is its own bucket while it is recent, NULL (history) after: one definition, the trigger's
     SELECT ctid AS row_id, bucket, genesis.tally_bucket(bucket) AS into_bucket,
            count(*) OVER (PARTITION BY queue, type, status, genesis.tally_bucket(bucket)) AS rows_in_group
-    FROM genesis.run_tallies
+    FROM genesis.folded_run_tallies
 ), runs AS (
-    DELETE FROM genesis.run_tallies t USING run_rows r
+    DELETE FROM genesis.folded_run_tallies t USING run_rows r
     WHERE t.ctid = r.row_id AND (r.rows_in_group > 1 OR r.bucket IS DISTINCT FROM r.into_bucket)
     RETURNING t.queue, t.type, t.status, r.into_bucket, t.n, t.total_ms
 ), runs_folded AS (
-    INSERT INTO genesis.run_tallies (queue, type, status, bucket, n, total_ms)
+    INSERT INTO genesis.folded_run_tallies (queue, type, status, bucket, n, total_ms)
     SELECT queue, type, status, into_bucket, sum(n), CASE WHEN into_bucket IS NULL THEN 0 ELSE sum(total_ms) END
     FROM runs GROUP BY queue, type, status, into_bucket
     HAVING sum(n) <> 0 OR (into_bucket IS NOT NULL AND sum(total_ms) <> 0)
     RETURNING 1
 ), archive_rows AS (
-    SELECT ctid AS row_id, count(*) OVER (PARTITION BY queue) AS rows_in_group FROM genesis.archive_tallies
+    SELECT ctid AS row_id, count(*) OVER (PARTITION BY queue) AS rows_in_group FROM genesis.folded_archive_tallies
 ), archives AS (
-    DELETE FROM genesis.archive_tallies t USING archive_rows r
+    DELETE FROM genesis.folded_archive_tallies t USING archive_rows r
     WHERE t.ctid = r.row_id AND r.rows_in_group > 1
     RETURNING t.queue, t.n
 ), archives_folded AS (
-    INSERT INTO genesis.archive_tallies (queue, n)
+    INSERT INTO genesis.folded_archive_tallies (queue, n)
     SELECT queue, sum(n) FROM archives GROUP BY 1 HAVING sum(n) <> 0
     RETURNING 1
 )

@@ -83,31 +83,19 @@ UPDATE pgmq.{table} SET message = genesis.redact(message), headers = genesis.red
 WHERE message IS DISTINCT FROM genesis.redact(message) OR headers IS DISTINCT FROM genesis.redact(headers)
 
 -- name: tallied_archives
--- Request queues whose pgmq archive keeps genesis.archive_tallies current (migration 0009).
+-- Request queues whose pgmq archive is counted by genesis.archive_tallies (migration 0017): the column genesis_xid and the trigger of deletes.
 SELECT substr(c.relname, 3) AS queue_name
 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = 'pgmq' AND t.tgname = 'genesis_tally_insert' AND NOT t.tgisinternal AND c.relname LIKE 'a\_%'
+WHERE n.nspname = 'pgmq' AND t.tgname = 'genesis_tally_delete' AND NOT t.tgisinternal AND c.relname LIKE 'a\_%'
+  AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'genesis_xid' AND NOT a.attisdropped)
 
--- name: lock_archive
--- Hold writers of one archive off until this transaction commits (its first count and its triggers agree).
-LOCK TABLE pgmq.{table} IN SHARE MODE
-
--- name: create_archive_tally_insert
--- Count the rows each statement archives.
-CREATE TRIGGER genesis_tally_insert AFTER INSERT ON pgmq.{table}
-REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION genesis.tally_archive()
-
--- name: create_archive_tally_delete
--- Count the rows each statement deletes from an archive (genesis prune, a DBA).
-CREATE TRIGGER genesis_tally_delete AFTER DELETE ON pgmq.{table}
-REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION genesis.tally_archive()
-
--- name: create_archive_tally_truncate
--- An emptied archive counts nothing.
-CREATE TRIGGER genesis_tally_truncate AFTER TRUNCATE ON pgmq.{table}
-FOR EACH STATEMENT EXECUTE FUNCTION genesis.tally_archive()
+-- name: prepare_archive_tally
+-- Put one archive's column, index and triggers on (migration 0017's function); its writers wait until this transaction commits.
+SELECT genesis.prepare_archive_tally(%(queue)s)
 
 -- name: reset_archive_tally
--- Start one archive's tally again from its rows as they are (under lock_archive).
-WITH gone AS (DELETE FROM genesis.archive_tallies WHERE queue = %(queue)s)
-INSERT INTO genesis.archive_tallies (queue, n) SELECT %(queue)s, count(*) FROM pgmq.{table}
+-- Count one archive again from its rows as they are (after prepare_archive_tally): those before the horizon (held until commit) into the folded tally, the rest are counted where they are.
+WITH horizon AS (SELECT folded_below FROM genesis.tally_horizon FOR SHARE),
+gone AS (DELETE FROM genesis.folded_archive_tallies WHERE queue = %(queue)s)
+INSERT INTO genesis.folded_archive_tallies (queue, n)
+SELECT %(queue)s, count(*) FROM pgmq.{table} WHERE coalesce(genesis_xid, '0') < (SELECT folded_below FROM horizon)

@@ -17,7 +17,7 @@ from sqlalchemy.pool import NullPool
 from genesis_pgflow.errors import SchemaBehind
 from genesis_pgflow.messages import REQUEST_QUEUES, all_queue_names
 from genesis_pgflow.store.database import one
-from genesis_pgflow.store.queries import sql
+from genesis_pgflow.store.queries import sql, with_tables
 
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
@@ -133,18 +133,15 @@ def _ensure_scrubbing(conn: psycopg.Connection) -> list[str]:
 
 
 def _ensure_archive_tallies(conn: psycopg.Connection) -> None:
-    """genesis.archive_tallies counts each request queue's archive (migration 0009): its triggers
-    go on each archive here, and again on one a DBA dropped and created again."""
+    """genesis.archive_tallies counts each request queue's archive (migrations 0009, 0017): its
+    column and triggers go on each archive here, and again on one a DBA dropped and created again."""
     tallied = {row[0] for row in conn.execute(sql("tallied_archives"))}
     for name in REQUEST_QUEUES:
         if name in tallied:
             continue
-        table = pgsql.Identifier(f"a_{name}")
         with conn.transaction():
-            conn.execute(pgsql.SQL(sql("lock_archive")).format(table=table))
-            for trigger in ("insert", "delete", "truncate"):
-                conn.execute(pgsql.SQL(sql(f"create_archive_tally_{trigger}")).format(table=table))
-            conn.execute(pgsql.SQL(sql("reset_archive_tally")).format(table=table), {"queue": name})
+            conn.execute(sql("prepare_archive_tally"), {"queue": name})
+            conn.execute(with_tables("reset_archive_tally", table=f"a_{name}"), {"queue": name})
 
 
 def migrate_to(dsn: str, revision: str, *, down: bool = False) -> None:
