@@ -258,6 +258,11 @@ def test_a_reader_reads_the_views_and_writes_nothing(db: Database, reader_dsn: t
     [minute] = query(dsn, "SELECT queue, completed, failed FROM genesis.throughput_per_minute")
     assert minute == {"queue": RULES, "completed": 0, "failed": 1}
     assert [c["id"] for c in query(dsn, "SELECT id FROM genesis.consumers")] == ["host-d:4"]
+    if kind == "pg_monitor":    # the tallies' counts, past the horizon too (migration 0017), not the rows
+        assert query(dsn, "SELECT sum(n)::int AS n FROM genesis.run_tallies WHERE queue = %s AND status = 'failed'",
+                     (RULES,))[0]["n"] == 1
+        assert query(dsn, "SELECT sum(n)::int AS n FROM genesis.archive_tallies WHERE queue = %s",
+                     (RULES,))[0]["n"] == 1
 
     forbidden = ["SELECT * FROM genesis.workflow_runs", "SELECT settings FROM genesis.llm_config_versions",
                  "DELETE FROM genesis.consumers", "INSERT INTO genesis.run_errors VALUES ('q', 1, 1, 'retry', '{}')",
