@@ -258,8 +258,35 @@ def upgrade() -> None:
     END
     $$;
 
+    -- The pgmq archives that carry genesis_xid (prepare_archive_tally): those the tallies count.
+    CREATE FUNCTION genesis.counted_archives() RETURNS TABLE (relname name) LANGUAGE sql STABLE AS $$
+        SELECT c.relname FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'genesis_xid' AND NOT a.attisdropped
+        WHERE ns.nspname = 'pgmq' AND c.relkind IN ('r', 'p') AND c.relname LIKE 'a\\_%'
+    $$;
+
+    -- The tally rows of the runs written by transactions from from_xid up to, not with, below_xid,
+    -- and, with unmarked, of those written before this migration (tally_xid NULL): what a fold
+    -- moves into the folded rows. A SQL function of one statement, so the planner inlines it into
+    -- its caller's statement and sees the index.
+    CREATE FUNCTION genesis.run_tally_rows(below_xid xid8, from_xid xid8, unmarked boolean DEFAULT false)
+        RETURNS TABLE (queue text, type text, status text, bucket timestamptz, n bigint, total_ms float8)
+        LANGUAGE sql STABLE AS $$
+        SELECT queue, type, status, bucket, count(*), coalesce(sum(ms) FILTER (WHERE bucket IS NOT NULL), 0)
+        FROM (SELECT queue, type, status, genesis.tally_bucket(finished_at) AS bucket,
+                     genesis.run_ms(started_at, finished_at) AS ms
+              FROM genesis.workflow_runs
+              WHERE (tally_xid >= from_xid AND tally_xid < below_xid) OR (unmarked AND tally_xid IS NULL)) AS r
+        GROUP BY 1, 2, 3, 4
+    $$;
+
     -- Runs past the horizon, counted where they are: one scan of the index for the transactions
-    -- since the last fold (a few seconds' worth, more while a transaction that wrote stays open)
+    -- since the last fold (a few seconds' worth, more while a transaction that wrote stays open).
+    -- The same rows as run_tally_rows(xmax, horizon), written out: a function in a view runs with
+    -- the reader's rights, and a monitoring role may read these counts, not the runs. The upper
+    -- bound holds for every row this snapshot sees; with two bounds unknown when the view is
+    -- planned, the planner expects a narrow range (the index), not a third of the table (a
+    -- parallel scan, 16 ms at 1M runs for no row).
     CREATE VIEW genesis.run_tallies AS
         SELECT queue, type, status, bucket, n, total_ms FROM genesis.folded_run_tallies
         UNION ALL
@@ -267,9 +294,6 @@ def upgrade() -> None:
         FROM (SELECT queue, type, status, genesis.tally_bucket(finished_at) AS bucket,
                      genesis.run_ms(started_at, finished_at) AS ms
               FROM genesis.workflow_runs
-              -- the upper bound holds for every row this snapshot sees; with two bounds unknown
-              -- when the view is planned, the planner expects a narrow range (the index), not a
-              -- third of the table (a parallel scan, 16 ms at 1M runs for no row)
               WHERE tally_xid >= (SELECT folded_below FROM genesis.tally_horizon)
                 AND tally_xid < pg_snapshot_xmax(pg_current_snapshot())) AS r
         GROUP BY 1, 2, 3, 4;
@@ -288,9 +312,7 @@ def upgrade() -> None:
         horizon xid8 := (SELECT folded_below FROM genesis.tally_horizon);
         archive record;
     BEGIN
-        FOR archive IN SELECT c.relname FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
-                       JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'genesis_xid' AND NOT a.attisdropped
-                       WHERE ns.nspname = 'pgmq' AND c.relkind IN ('r', 'p') AND c.relname LIKE 'a\\_%' LOOP
+        FOR archive IN SELECT relname FROM genesis.counted_archives() LOOP
             queue := substr(archive.relname, 3);
             EXECUTE format('SELECT count(*) FROM pgmq.%I WHERE genesis_xid >= $1', archive.relname)
                 INTO n USING horizon;
@@ -345,23 +367,13 @@ def upgrade() -> None:
             DELETE FROM genesis.folded_run_tallies;
             DELETE FROM genesis.folded_archive_tallies;
             INSERT INTO genesis.folded_run_tallies (queue, type, status, bucket, n, total_ms)
-            SELECT queue, type, status, bucket, count(*), coalesce(sum(ms) FILTER (WHERE bucket IS NOT NULL), 0)
-            FROM (SELECT queue, type, status, genesis.tally_bucket(finished_at) AS bucket,
-                         genesis.run_ms(started_at, finished_at) AS ms
-                  FROM genesis.workflow_runs WHERE coalesce(tally_xid, '0') < upto) AS r
-            GROUP BY 1, 2, 3, 4;
+            SELECT * FROM genesis.run_tally_rows(upto, '0', true);
         ELSE
             INSERT INTO genesis.folded_run_tallies (queue, type, status, bucket, n, total_ms)
-            SELECT queue, type, status, bucket, count(*), coalesce(sum(ms) FILTER (WHERE bucket IS NOT NULL), 0)
-            FROM (SELECT queue, type, status, genesis.tally_bucket(finished_at) AS bucket,
-                         genesis.run_ms(started_at, finished_at) AS ms
-                  FROM genesis.workflow_runs WHERE tally_xid >= was AND tally_xid < upto) AS r
-            GROUP BY 1, 2, 3, 4;
+            SELECT * FROM genesis.run_tally_rows(upto, was);
         END IF;
         GET DIAGNOSTICS folded = ROW_COUNT;
-        FOR archive IN SELECT c.relname FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
-                       JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'genesis_xid' AND NOT a.attisdropped
-                       WHERE ns.nspname = 'pgmq' AND c.relkind IN ('r', 'p') AND c.relname LIKE 'a\\_%' LOOP
+        FOR archive IN SELECT relname FROM genesis.counted_archives() LOOP
             EXECUTE format('INSERT INTO genesis.folded_archive_tallies (queue, n) SELECT $1, count(*) FROM pgmq.%I '
                            'WHERE %s HAVING count(*) > 0', archive.relname,
                            CASE WHEN recount THEN 'coalesce(genesis_xid, ''0'') < $3'
@@ -387,18 +399,13 @@ def downgrade() -> None:
     LOCK TABLE genesis.workflow_runs IN SHARE MODE;
     -- what is past the horizon goes into the tallies, which count by deltas again from here on
     INSERT INTO genesis.folded_run_tallies (queue, type, status, bucket, n, total_ms)
-    SELECT queue, type, status, bucket, count(*), coalesce(sum(ms) FILTER (WHERE bucket IS NOT NULL), 0)
-    FROM (SELECT queue, type, status, genesis.tally_bucket(finished_at) AS bucket,
-                 genesis.run_ms(started_at, finished_at) AS ms
-          FROM genesis.workflow_runs WHERE tally_xid >= (SELECT folded_below FROM genesis.tally_horizon)) AS r
-    GROUP BY 1, 2, 3, 4;
+    SELECT * FROM genesis.run_tally_rows(pg_snapshot_xmax(pg_current_snapshot()),
+                                         (SELECT folded_below FROM genesis.tally_horizon));
     DO $$
     DECLARE
         t record;
     BEGIN
-        FOR t IN SELECT c.relname FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
-                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'genesis_xid' AND NOT a.attisdropped
-                 WHERE ns.nspname = 'pgmq' AND c.relkind IN ('r', 'p') AND c.relname LIKE 'a\\_%' LOOP
+        FOR t IN SELECT relname FROM genesis.counted_archives() LOOP
             EXECUTE format('LOCK TABLE pgmq.%I IN SHARE ROW EXCLUSIVE MODE', t.relname);
             EXECUTE format('INSERT INTO genesis.folded_archive_tallies (queue, n) SELECT $1, count(*) FROM pgmq.%I '
                            'WHERE genesis_xid >= (SELECT folded_below FROM genesis.tally_horizon) HAVING count(*) > 0',
@@ -414,6 +421,8 @@ def downgrade() -> None:
     DROP VIEW genesis.archive_tallies;
     -- (queue_health comes back at the end, on the table again)
     DROP FUNCTION genesis.unfolded_archive_counts();
+    DROP FUNCTION genesis.run_tally_rows(xid8, xid8, boolean);
+    DROP FUNCTION genesis.counted_archives();
     DROP FUNCTION genesis.fold_tallies(integer, float8);
     DROP FUNCTION genesis.prepare_archive_tally(text);
     ALTER TABLE genesis.folded_run_tallies RENAME TO run_tallies;
