@@ -8,7 +8,6 @@ import itertools
 import json
 import random
 import re
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, Protocol
@@ -629,7 +628,13 @@ def new_workflow_id() -> str:
     """A random (version 4) UUID naming one run. Not uuid.uuid4(): its os.urandom is a system call
     that lets go of the GIL, and taking it back cost the consumer's loop up to a switch interval
     per message while the completer's thread ran Python. A workflow id must be unique, not secret."""
-    return str(uuid.UUID(int=_WORKFLOW_IDS.getrandbits(128), version=4))
+    h = "%032x" % (_WORKFLOW_IDS.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)  # as uuid.UUID(int=, version=4)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# the version (4) and variant (RFC 4122) bits of a random UUID: what uuid.UUID(version=4) sets
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from genesis_pgflow.cipher import SecretCipher
@@ -148,13 +149,18 @@ class PgQueueStore:
         try:
             # one statement, so its own transaction: one round trip
             query = with_tables("read_batch", table=f"q_{queue}")
-            rows = self.db.run(lambda conn: conn.execute(query, params).fetchall(), single=True)
+            # as tuples, in read_batch's column order: a dict per row cost the loop a tenth of its time
+            rows = self.db.run(lambda conn: conn.cursor(row_factory=tuple_row).execute(query, params).fetchall(),
+                               single=True)
         except StoreError as exc:
             if _server_away(exc):
                 raise
             log.warning("reading a batch of %s failed (%s); reading its messages one by one", queue, _first_line(exc))
             return self._read_one_by_one(queue, params)
-        return [self._take_in(queue, r, r) for r in rows]
+        limits = self.limits
+        return [take_in(queue, msg_id, read_ct, enqueued_at, body=body, body_bytes=body_bytes, headers=headers,
+                        headers_bytes=headers_bytes, identifiers=identifiers, limits=limits)
+                for msg_id, read_ct, enqueued_at, body_bytes, headers_bytes, body, headers, identifiers in rows]
 
     def _limit_params(self) -> dict[str, Any]:
         return {"max_payload_bytes": self.limits.max_payload_bytes, "max_headers_bytes": self.limits.max_headers_bytes,
