@@ -46,7 +46,8 @@ def _identifiers(message: ReadMessage) -> dict[str, Any]:
     return raw_identifiers(message.body)
 
 
-@dataclass(frozen=True)
+# a plain dataclass, as messages.ReadMessage (made for every message)
+@dataclass
 class Task:
     """A validated message ready to run: its handler, payload and timeout."""
 

@@ -24,7 +24,8 @@ from genesis_pgflow.store.queries import sql
 Applied = Literal["applied", "unchanged", "stale"]
 
 
-@dataclass(frozen=True)
+# a plain dataclass, as messages.ReadMessage (made for every rule update)
+@dataclass
 class RuleVersion:
     namespace: str
     rule_id: str
