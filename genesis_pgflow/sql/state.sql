@@ -53,5 +53,5 @@ SELECT msg_id, message FROM pgmq.{table} ORDER BY msg_id FOR UPDATE SKIP LOCKED
 UPDATE pgmq.{table} SET message = %(message)s WHERE msg_id = %(msg_id)s
 
 -- name: apply_rule_versions
--- Decide and write a batch's rule updates (a JSON array, in order) in one statement: migration 0010.
-SELECT ord, decision, active_version FROM genesis.apply_rule_versions(%(updates)s) ORDER BY ord
+-- Decide and write a batch's rule updates (a JSON array, in order) in one statement: migration 0010; (decision, active_version) in the order given.
+SELECT decision, active_version FROM genesis.apply_rule_versions(%(updates)s) ORDER BY ord

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import psycopg
-from psycopg.rows import tuple_row
+from psycopg.rows import scalar_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from genesis_pgflow.cipher import SecretCipher
@@ -215,7 +215,7 @@ class PgQueueStore:
             # Archive first: only what this transaction removed from the queue gets a result, so a
             # message finished elsewhere (lease lost) or by a retried commit is never answered twice.
             archive = with_tables("archive_batch", table=f"q_{queue}", archive=f"a_{queue}")
-            archived = {row["msg_id"] for row in conn.execute(archive, {"msg_ids": ids})}
+            archived = set(conn.cursor(row_factory=scalar_row).execute(archive, {"msg_ids": ids}))
             # deferred state writes (rules, LLM configurations) join this transaction
             mine = settle([o for o in items if o.message.msg_id in archived], conn)
             if not mine:

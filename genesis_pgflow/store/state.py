@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 from psycopg import sql as pgsql
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from genesis_pgflow.cipher import SEALED_DEAD_LETTERS, SecretCipher
@@ -116,8 +117,10 @@ class PgStateStore:
             items = list(run)
             if is_rule:
                 updates = [{**vars(rule), "workflow_id": workflow_id} for rule, workflow_id in items]
-                rows = conn.execute(sql("apply_rule_versions"), {"updates": Jsonb(updates)}).fetchall()
-                decisions += [(row["decision"], row["active_version"]) for row in rows]
+                # (decision, active_version) tuples, in the order given
+                cur = conn.cursor(row_factory=tuple_row).execute(sql("apply_rule_versions"),
+                                                                 {"updates": Jsonb(updates)})
+                decisions += cur.fetchall()
             else:
                 decisions += [self._apply_llm_config(conn, config, workflow_id)  # type: ignore[arg-type]
                               for config, workflow_id in items]
