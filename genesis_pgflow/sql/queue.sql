@@ -19,7 +19,7 @@ WITH cte AS (
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
 )
 -- as text, so that the consumer decodes each message on its own; a body over the limit never
--- leaves the server
+-- leaves the server. The columns' order is PgQueueStore._take_in's (it takes the rows as tuples).
 SELECT msg_id, read_ct, enqueued_at, octet_length(written.body) AS body_bytes, octet_length(written.headers) AS headers_bytes,
        CASE WHEN octet_length(written.body) <= %(max_payload_bytes)s THEN written.body END AS body,
        CASE WHEN octet_length(written.headers) <= %(max_headers_bytes)s THEN written.headers END AS headers,
@@ -40,7 +40,7 @@ SELECT msg_id, read_ct, enqueued_at FROM pgmq.read(%(queue)s, %(lease_s)s, CASE 
 ORDER BY msg_id
 
 -- name: read_body
--- The body and headers of one message as JSON text with their sizes, each text only under its limit (as read_batch).
+-- The body and headers of one message as JSON text with their sizes, each text only under its limit (as read_batch, and in the order of its columns from body_bytes on).
 SELECT size.body_bytes, size.headers_bytes,
        CASE WHEN size.body_bytes <= %(max_payload_bytes)s THEN message::text END AS body,
        CASE WHEN size.headers_bytes <= %(max_headers_bytes)s THEN headers::text END AS headers,
