@@ -74,13 +74,17 @@ class CpuSpent:
 
 
 def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU of a live process, all its threads (/proc/<pid>/stat)."""
+    """User + system CPU of a live process, all its threads (/proc/<pid>/stat), and of its live
+    descendants (`genesis-consume --processes N` consumes in its children)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rpartition(")")[2].split()
+        with open(f"/proc/{pid}/task/{pid}/children") as listed:
+            children = [int(child) for child in listed.read().split()]
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu_s(child) or 0.0 for child in children)
 
 
 def machine_cpu_s() -> float:

@@ -41,6 +41,18 @@ def upgrade_database(settings: Settings) -> schema.UpgradeReport:
     return schema.upgrade(dsn)
 
 
+def prepare_database(settings: Settings, *, migrate: bool | None = None) -> str:
+    """The DSN of the configured (or embedded, started) database once it is reachable and current:
+    upgraded unless migrate (default: settings.migrate) is False, else checked (exit-2 errors)."""
+    dsn = resolve_dsn(settings)
+    check_reachable(dsn)
+    if settings.migrate if migrate is None else migrate:
+        schema.upgrade(dsn)
+    else:
+        schema.require_current(dsn)
+    return dsn
+
+
 def build_handlers(settings: Settings, state: StateStore, experiments: ExperimentRecords) -> dict[str, Handler]:
     """type -> handler; a new workflow plugs in here, not in the consumer."""
     sandbox = Sandbox()
@@ -67,12 +79,7 @@ class App:
     def open(cls, settings: Settings, *, migrate: bool | None = None) -> App:
         """Connect (exit-2 errors if the database is unreachable or behind), upgrading first
         unless migrate is False."""
-        dsn = resolve_dsn(settings)
-        check_reachable(dsn)
-        if settings.migrate if migrate is None else migrate:
-            schema.upgrade(dsn)
-        else:
-            schema.require_current(dsn)
+        dsn = prepare_database(settings, migrate=migrate)
         # psycopg_pool warns once per connection it finds broken; the consumer's outage lines say it once
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         db = Database(dsn, max_size=max(4, settings.parallel + 2), application_name=f"genesis:{os.getpid()}",

@@ -22,11 +22,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from genesis_pgflow import dashboard, maintenance, metrics
-from genesis_pgflow.app import App, resolve_dsn, upgrade_database
+from genesis_pgflow.app import App, prepare_database, resolve_dsn, upgrade_database
 from genesis_pgflow.errors import ConfigurationError, InvalidPayload, UnknownType
 from genesis_pgflow.messages import REQUEST_QUEUES, check_request, clip, queue_role, redact
 from genesis_pgflow.messages import safe_error as _safe_error
 from genesis_pgflow.messages import scrub as _scrub
+from genesis_pgflow.processes import Processes
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store import reports
 from genesis_pgflow.store.admin import PgAdminStore, package_version, shown_dsn
@@ -154,6 +155,8 @@ def consume_parser() -> argparse.ArgumentParser:
                 description="Consume the Genesis pgmq queues and publish one result per request.")
     p.add_argument("--dsn", help="libpq URL or key/value DSN (default: GENESIS_DATABASE_URL, DATABASE_URL, embedded)")
     p.add_argument("--parallel", type=int, help="handlers running at once (default 4; 1 = sequential)")
+    p.add_argument("--processes", type=int,
+                   help="consumer processes sharing --parallel, to use more than one core (default 1)")
     p.add_argument("--batch-size", type=int, help="most messages read from a queue at once (default 10)")
     p.add_argument("--poll-interval-ms", type=int, help="polling interval when no NOTIFY arrives (default 1000)")
     p.add_argument("--timeout-ms", type=int, help="per-workflow timeout (default 30000)")
@@ -185,8 +188,11 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
             max_payload_bytes=args.max_payload_bytes,
             queues=tuple(q.strip() for q in args.queues.split(",") if q.strip()) if args.queues else None,
             drain=args.drain, migrate=False if args.no_migrate else None, metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host, dashboard_actions=args.dashboard_actions, log_format=args.log_format)
+            metrics_host=args.metrics_host, dashboard_actions=args.dashboard_actions, log_format=args.log_format,
+            processes=args.processes)
         setup_logging(settings.log_format, settings.log_level)
+        if settings.processes > 1:
+            return consume_in_processes(args, settings)
         # Until the consumer runs, SIGTERM ends start-up as Ctrl-C does (KeyboardInterrupt, exit
         # 0): nothing is in flight yet, and a migration under way rolls back with its transaction.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -216,6 +222,42 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     return _guarded(main)
+
+
+# what each process of --processes is told again on its own command line (the rest: below)
+_NOT_PASSED_ON = {"help", "dsn", "parallel", "processes", "no_migrate"}
+
+
+def consume_in_processes(args: argparse.Namespace, settings: Settings) -> int:
+    """`--processes N`: the database made ready once, then N genesis-consume processes sharing
+    --parallel, run as one command (processes.py)."""
+    n = settings.processes
+    if n > settings.parallel:
+        raise ConfigurationError(f"--processes {n} needs --parallel of at least {n} (each process runs at least "
+                                 f"one workflow at a time), got --parallel {settings.parallel}")
+    if settings.metrics_port is not None:
+        raise ConfigurationError("--metrics-port serves one process: with --processes, run one genesis-consume "
+                                 "per metrics port instead, or leave --metrics-port out")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)    # start-up ends as Ctrl-C does (exit 0)
+    try:
+        dsn = prepare_database(settings)
+    except KeyboardInterrupt:
+        log.info("stopped by a signal during start-up, before consuming anything")
+        return EXIT_OK
+    flags = {a.dest: a.option_strings[-1] for a in consume_parser()._actions if a.option_strings}
+    passed_on = [part for dest, value in vars(args).items() if dest not in _NOT_PASSED_ON and value not in (None, False)
+                 for part in ([flags[dest]] if value is True else [flags[dest], str(value)])]
+    # the DSN in the environment, not on the process list; migrated above, once
+    env = {**os.environ, "GENESIS_DATABASE_URL": dsn, "GENESIS_PROCESSES": "1"}
+    group = Processes([*passed_on, "--no-migrate"], settings.parallel, n, env)
+
+    def stop(signum: int) -> None:
+        log.info("signal %s: passing it on to the consumer processes", signum)
+        group.stop()
+
+    with on_signals((signal.SIGTERM, signal.SIGINT), stop):
+        group.start()
+        return group.wait()
 
 
 @contextlib.contextmanager

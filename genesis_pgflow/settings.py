@@ -36,6 +36,8 @@ class Settings(BaseModel):
     # npm tools of the analysers (Biome, TypeScript); see npm_tools_dir
     tools_dir: Path | None = None
     parallel: int = Field(default=4, ge=1, le=256)
+    # consumer processes sharing `parallel` (processes.py); 1: this process consumes
+    processes: int = Field(default=1, ge=1, le=64)
     batch_size: int = Field(default=10, ge=1, le=1000)
     poll_interval_ms: int = Field(default=1000, ge=10)
     timeout_ms: int = Field(default=30_000, ge=1)
