@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from genesis_pgflow import dashboard, maintenance, metrics
 from genesis_pgflow.app import App, prepare_database, resolve_dsn, upgrade_database
-from genesis_pgflow.errors import ConfigurationError, InvalidPayload, UnknownType
+from genesis_pgflow.errors import EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, ConfigurationError, InvalidPayload, UnknownType
 from genesis_pgflow.messages import REQUEST_QUEUES, check_request, clip, queue_role, redact
 from genesis_pgflow.messages import safe_error as _safe_error
 from genesis_pgflow.messages import scrub as _scrub
@@ -33,7 +33,6 @@ from genesis_pgflow.store import reports
 from genesis_pgflow.store.admin import PgAdminStore, package_version, shown_dsn
 from genesis_pgflow.store.retention import PgRetention, RetentionPolicy
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("genesis_pgflow")
 
 # The collector's thresholds while consuming: the young generation is collected every 10,000 net

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# the contract's exit codes (section 6): done, anything unexpected, bad usage or configuration
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
+
 
 class GenesisError(Exception):
     """Something went wrong in genesis_pgflow."""

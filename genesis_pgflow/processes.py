@@ -2,7 +2,7 @@
 
 One Python process runs the consumer's reading and writing under one interpreter lock, so on a
 machine with more than one core it leaves some idle: at batch 100 two processes on one queue drain
-it 1.35x to 1.45x faster than one (README, Performance). This module starts N ordinary
+it faster than one (README, Performance, for the figures). This module starts N ordinary
 `genesis-consume` processes and keeps them together:
 
 - `--parallel` is the whole command's: the N processes share it (4 over 2: 2 and 2), so the bound
@@ -29,9 +29,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from genesis_pgflow.errors import EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE
+
 log = logging.getLogger("genesis_pgflow")
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
 _PR_SET_PDEATHSIG = 1
 WAIT_SLICE_S = 0.2
 
