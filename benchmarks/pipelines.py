@@ -73,18 +73,28 @@ class CpuSpent:
         return max(0.0, self.machine_s - self.client_s) / self.messages * 1e6
 
 
-def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU of a live process, all its threads (/proc/<pid>/stat), and of its live
-    descendants (`genesis-consume --processes N` consumes in its children)."""
+def process_tree(pid: int) -> list[int]:
+    """A live process and its live descendants (genesis-consume consumes in its children when it
+    runs more than one process)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
         with open(f"/proc/{pid}/task/{pid}/children") as listed:
             children = [int(child) for child in listed.read().split()]
     except OSError:
-        return None
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(process_cpu_s(child) or 0.0 for child in children)
+        return []
+    return [pid, *(p for child in children for p in process_tree(child))]
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU of a live process and its descendants, all their threads (/proc/<pid>/stat)."""
+    total, tree = 0.0, process_tree(pid)
+    for member in tree:
+        try:
+            with open(f"/proc/{member}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total if tree else None
 
 
 def machine_cpu_s() -> float:
@@ -235,21 +245,22 @@ def cli_env(dsn: str, home: Path, **settings: str) -> dict[str, str]:
 
 
 def rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    """Resident memory of a live process and its descendants, summed."""
+    total, tree = 0.0, process_tree(pid)
+    for member in tree:
+        try:
+            with open(f"/proc/{member}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+        except (OSError, StopIteration):
+            continue
+    return total if tree else None
 
 
 @dataclass(frozen=True)
 class Sample:
     done: int               # results written so far
-    rss_mb: float
-    cpu_s: float            # the process's CPU so far
+    rss_mb: float           # the process's and its descendants'
+    cpu_s: float            # their CPU so far
     machine_cpu_s: float    # the machine's
 
 
@@ -275,6 +286,9 @@ class RssSampler(threading.Thread):
                 if row is None or rss is None or cpu is None:
                     continue
                 self.samples.append(Sample(int(row[0]), rss, cpu, machine_cpu_s()))
+
+    def peak(self) -> float | None:
+        return max((s.rss_mb for s in self.samples), default=None)
 
     def growth(self) -> float | None:
         """RSS at the end of the run minus RSS once 10% of the messages were done (start-up and
@@ -323,7 +337,8 @@ def measure_genesis(db: BenchDatabase, n: int, label: str, args: Sequence[str], 
                     timeout: float = 900.0) -> Figures:
     """`genesis-consume --drain ARGS` in `processes` subprocesses on N real rule updates. The rate
     is over the archive window (first to last completion transaction); wall_s is process start to
-    the last exit. Peak RSS from wait4's rusage; RSS growth sampled from /proc for one process."""
+    the last exit. Peak RSS: the most sampled from /proc over the command's processes together (one
+    command), else the largest process's, from wait4's rusage; RSS growth sampled for one command."""
     db.fill_pgmq(n)
     out: list[Figures] = []
     with tempfile.TemporaryDirectory(prefix="genesis-bench-") as tmp:
@@ -348,7 +363,8 @@ def measure_genesis(db: BenchDatabase, n: int, label: str, args: Sequence[str], 
                         p.kill()
             wall = time.perf_counter() - start
             counted, window = db.archive_window()
-            out.append(Figures(label, counted, window, wall_s=wall, peak_rss_mb=max(peaks),
+            sampled = sampler.peak() if processes == 1 else None
+            out.append(Figures(label, counted, window, wall_s=wall, peak_rss_mb=max([*peaks, sampled or 0.0]),
                                rss_growth_mb=sampler.growth() if processes == 1 else None,
                                cpu=sampler.cpu() if processes == 1 else None))
     out[0].commits -= sampler.queries

@@ -436,6 +436,31 @@ def detect(parent: Path | None = None, *, mountinfo: str | None = None,
     return None, reasons
 
 
+def cpu_quota_cores(*, mountinfo: str | None = None, self_cgroup: str | None = None) -> float | None:
+    """The CPU quota on this process's cgroup or any ancestor, in cores (a container's --cpus):
+    cgroup v2 cpu.max, v1 cpu.cfs_quota_us / cpu.cfs_period_us; the lowest one, None if none."""
+    mountinfo = Path("/proc/self/mountinfo").read_text() if mountinfo is None else mountinfo
+    self_cgroup = Path("/proc/self/cgroup").read_text() if self_cgroup is None else self_cgroup
+    own = parse_self_cgroup(self_cgroup)
+    quotas: list[float] = []
+    for mount in parse_mountinfo(mountinfo):
+        v2 = mount.fstype == "cgroup2"
+        if not (v2 and "" in own) and not (not v2 and "cpu" in mount.options and "cpu" in own):
+            continue
+        directory = _inside(mount, own["" if v2 else "cpu"])
+        for d in (directory, *directory.parents):
+            if d != mount.point and mount.point not in d.parents:
+                break
+            if v2:
+                words = _read_words(d / "cpu.max")
+                quota, period = (words + ["max", "0"])[:2] if words else ("max", "0")
+            else:
+                quota, period = str(_read_int(d / "cpu.cfs_quota_us")), str(_read_int(d / "cpu.cfs_period_us"))
+            if quota.isdigit() and period.isdigit() and int(period) > 0:
+                quotas.append(int(quota) / int(period))
+    return min(quotas) if quotas else None
+
+
 # --- files and processes ---------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from genesis_pgflow.errors import EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, Configur
 from genesis_pgflow.messages import REQUEST_QUEUES, check_request, clip, queue_role, redact
 from genesis_pgflow.messages import safe_error as _safe_error
 from genesis_pgflow.messages import scrub as _scrub
-from genesis_pgflow.processes import Processes
+from genesis_pgflow.processes import Processes, how_many, usable_cores
 from genesis_pgflow.settings import Settings
 from genesis_pgflow.store import reports
 from genesis_pgflow.store.admin import PgAdminStore, package_version, shown_dsn
@@ -154,8 +154,9 @@ def consume_parser() -> argparse.ArgumentParser:
                 description="Consume the Genesis pgmq queues and publish one result per request.")
     p.add_argument("--dsn", help="libpq URL or key/value DSN (default: GENESIS_DATABASE_URL, DATABASE_URL, embedded)")
     p.add_argument("--parallel", type=int, help="handlers running at once (default 4; 1 = sequential)")
-    p.add_argument("--processes", type=int,
-                   help="consumer processes sharing --parallel, to use more than one core (default 1)")
+    p.add_argument("--processes", metavar="N|auto",
+                   help="consumer processes sharing --parallel (default auto: one per usable core, at most "
+                        "--parallel; 1 with --metrics-port)")
     p.add_argument("--batch-size", type=int, help="most messages read from a queue at once (default 10)")
     p.add_argument("--poll-interval-ms", type=int, help="polling interval when no NOTIFY arrives (default 1000)")
     p.add_argument("--timeout-ms", type=int, help="per-workflow timeout (default 30000)")
@@ -190,8 +191,10 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
             metrics_host=args.metrics_host, dashboard_actions=args.dashboard_actions, log_format=args.log_format,
             processes=args.processes)
         setup_logging(settings.log_format, settings.log_level)
-        if settings.processes > 1:
-            return consume_in_processes(args, settings)
+        processes, why = how_many(settings.processes, settings.parallel, settings.metrics_port,
+                                  usable_cores() if settings.processes == "auto" else 1)
+        if processes > 1:
+            return consume_in_processes(args, settings, processes, why)
         # Until the consumer runs, SIGTERM ends start-up as Ctrl-C does (KeyboardInterrupt, exit
         # 0): nothing is in flight yet, and a migration under way rolls back with its transaction.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -209,7 +212,8 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
             serving = (metrics.serving(app, consumer, settings.metrics_host, settings.metrics_port)
                        if settings.metrics_port is not None else contextlib.nullcontext())
             with on_signals((signal.SIGTERM, signal.SIGINT), stop), serving, _registered(app):
-                log.info("consuming %s with %d worker(s)", ",".join(settings.queues), settings.parallel)
+                log.info("consuming %s with %d worker(s)%s", ",".join(settings.queues), settings.parallel,
+                         f" ({why})" if why else "")
                 # What start-up made (modules, settings, pools) lives as long as the process: kept
                 # out of the collector's generations, it is not traversed again by every collection.
                 gc.freeze()
@@ -227,16 +231,9 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
 _NOT_PASSED_ON = {"help", "dsn", "parallel", "processes", "no_migrate"}
 
 
-def consume_in_processes(args: argparse.Namespace, settings: Settings) -> int:
-    """`--processes N`: the database made ready once, then N genesis-consume processes sharing
-    --parallel, run as one command (processes.py)."""
-    n = settings.processes
-    if n > settings.parallel:
-        raise ConfigurationError(f"--processes {n} needs --parallel of at least {n} (each process runs at least "
-                                 f"one workflow at a time), got --parallel {settings.parallel}")
-    if settings.metrics_port is not None:
-        raise ConfigurationError("--metrics-port serves one process: with --processes, run one genesis-consume "
-                                 "per metrics port instead, or leave --metrics-port out")
+def consume_in_processes(args: argparse.Namespace, settings: Settings, n: int, why: str) -> int:
+    """N genesis-consume processes sharing --parallel, run as one command (processes.py), once
+    the database is ready."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)    # start-up ends as Ctrl-C does (exit 0)
     try:
         dsn = prepare_database(settings)
@@ -248,7 +245,7 @@ def consume_in_processes(args: argparse.Namespace, settings: Settings) -> int:
                  for part in ([flags[dest]] if value is True else [flags[dest], str(value)])]
     # the DSN in the environment, not on the process list; migrated above, once
     env = {**os.environ, "GENESIS_DATABASE_URL": dsn, "GENESIS_PROCESSES": "1"}
-    group = Processes([*passed_on, "--no-migrate"], settings.parallel, n, env)
+    group = Processes([*passed_on, "--no-migrate"], settings.parallel, n, env, drain=settings.drain, why=why)
 
     def stop(signum: int) -> None:
         log.info("signal %s: passing it on to the consumer processes", signum)

@@ -13,6 +13,7 @@ from genesis_pgflow.cipher import KEY_FILE, SecretCipher, parse_keys
 from genesis_pgflow.messages import REQUEST_QUEUES, IntakeLimits
 
 ROOT_HOME = Path("/var/lib/genesis")
+MAX_PROCESSES = 64
 
 
 def default_home(env: Mapping[str, str], euid: int | None = None) -> Path:
@@ -36,8 +37,9 @@ class Settings(BaseModel):
     # npm tools of the analysers (Biome, TypeScript); see npm_tools_dir
     tools_dir: Path | None = None
     parallel: int = Field(default=4, ge=1, le=256)
-    # consumer processes sharing `parallel` (processes.py); 1: this process consumes
-    processes: int = Field(default=1, ge=1, le=64)
+    # consumer processes sharing `parallel` (processes.py); "auto": one per usable core, at most
+    # `parallel`; 1: this process consumes
+    processes: int | Literal["auto"] = "auto"
     batch_size: int = Field(default=10, ge=1, le=1000)
     poll_interval_ms: int = Field(default=1000, ge=10)
     timeout_ms: int = Field(default=30_000, ge=1)
@@ -130,6 +132,19 @@ class Settings(BaseModel):
         if not queues:
             raise ValueError("at least one queue is needed")
         return tuple(dict.fromkeys(queues))
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes(cls, value: object) -> int | str:
+        if value == "auto":
+            return "auto"
+        try:
+            n = int(str(value))
+        except ValueError:
+            raise ValueError(f"must be auto or a whole number, got {value!r}") from None
+        if not 1 <= n <= MAX_PROCESSES:
+            raise ValueError(f"must be auto or 1 to {MAX_PROCESSES}, got {n}")
+        return n
 
     @field_validator("secret_key")
     @classmethod

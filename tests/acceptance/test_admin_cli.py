@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from genesis_pgflow.processes import usable_cores
 from genesis_pgflow.store import schema
 from genesis_pgflow.store.admin import package_version
 from genesis_pgflow.testing import wait_until
@@ -149,7 +150,8 @@ def test_status_starts_with_the_database_and_adds_throughput_and_failures(env: d
     assert "hunter2" not in text
     assert "throughput: last minute" in text and "last hour 2 completed, 3 failed" in text
     assert "failures by code, last hour:" in text and "low_confidence 1" in text
-    assert "consumers: 0 running, 0 gone, 1 stopped" in text
+    # the burst's one command: a consumer per process, one per usable core (at most --parallel 4)
+    assert f"consumers: 0 running, 0 gone, {min(usable_cores(), 4)} stopped" in text
 
     status = as_json("status", env=with_password)
     assert {"queues", "types", "database", "throughput", "failures_by_code_last_hour", "consumers"} <= set(status)
@@ -162,8 +164,8 @@ def test_status_starts_with_the_database_and_adds_throughput_and_failures(env: d
                     "avg_ms": status["throughput"]["last_hour"]["queues"][RULES]["avg_ms"]}}}
     assert status["failures_by_code_last_hour"] == {"invalid_payload": 1, "low_confidence": 1,
                                                     "max_attempts_exceeded": 1}
-    [consumer] = status["consumers"]
-    assert consumer["state"] == "stopped" and consumer["in_flight"] == 0
+    assert len(status["consumers"]) == min(usable_cores(), 4)
+    assert all(c["state"] == "stopped" and c["in_flight"] == 0 for c in status["consumers"])
 
 
 # --- the CLI itself -------------------------------------------------------------------------
@@ -214,7 +216,8 @@ def test_a_closed_pipe_is_not_a_traceback(env: dict[str, str], db_dsn: str) -> N
 def test_consumers_shows_a_live_consumer_and_a_killed_one_as_gone(env: dict[str, str], db_dsn: str,
                                                                   background: Callable[..., Any]) -> None:
     fast = {**env, "GENESIS_HEARTBEAT_INTERVAL_S": "0.3"}
-    victim = background(GENESIS_CONSUME, "--queues", RULES, "--parallel", "2", *FAST, env=fast)
+    # one process per command, so that the command's pid is the consumer's (its id ends with it)
+    victim = background(GENESIS_CONSUME, "--queues", RULES, "--parallel", "2", "--processes", "1", *FAST, env=fast)
     victim.wait_for_line("consuming")
     victim_id = f"{victim.proc.pid}"
 
@@ -233,7 +236,7 @@ def test_consumers_shows_a_live_consumer_and_a_killed_one_as_gone(env: dict[str,
     assert " gone " in ok(run_cli(GENESIS, "consumers", env=env)).stdout
 
     # any live consumer's heartbeat forgets consumers gone for longer than the retention
-    keeper = background(GENESIS_CONSUME, "--queues", LLM, *FAST,
+    keeper = background(GENESIS_CONSUME, "--queues", LLM, "--processes", "1", *FAST,
                         env={**fast, "GENESIS_CONSUMER_RETENTION_S": "0"})
     keeper.wait_for_line("consuming")
     wait_until(lambda: victim_id not in listed(), 60, interval=0.3, what="the gone consumer forgotten")

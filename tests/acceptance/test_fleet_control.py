@@ -45,7 +45,8 @@ def consumers(env: dict[str, str]) -> dict[int, dict[str, Any]]:
 
 
 def start_consumers(background: Callable[..., Background], env: dict[str, str], dsn: str, n: int) -> list[Background]:
-    fleet = [background(GENESIS_CONSUME, "--queues", RULES, *FAST, env=env) for _ in range(n)]
+    # one consumer process per command (by default a command runs one per core): each is a fleet member
+    fleet = [background(GENESIS_CONSUME, "--queues", RULES, "--processes", "1", *FAST, env=env) for _ in range(n)]
     for consumer in fleet:
         consumer.wait_for_line("consuming")
     pids = {c.proc.pid for c in fleet}

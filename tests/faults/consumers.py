@@ -19,9 +19,14 @@ GENESIS_CONSUME = BIN / "genesis-consume"
 
 
 def cli_env(home: Path, dsn: str | None = None, **extra: str) -> dict[str, str]:
-    """The caller's environment without anything that chooses a database or configures genesis."""
+    """The caller's environment without anything that chooses a database or configures genesis,
+    but for one consumer process per command (GENESIS_PROCESSES=1; `extra` may say otherwise): the
+    fault tier stalls, kills and cuts off a consumer process by its pid, and watches it recover.
+    What a command of several processes does when one dies or is signalled is tested in
+    tests/acceptance/test_processes.py, and its connections under a fault in test_leases.py."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GENESIS_", "DATABASE_URL"))}
     env["GENESIS_HOME"] = str(home)
+    env["GENESIS_PROCESSES"] = "1"
     env["PYTHONFAULTHANDLER"] = "1"   # a hang killed with SIGABRT dumps every thread's stack
     if dsn is not None:
         env["GENESIS_DATABASE_URL"] = dsn

@@ -1,6 +1,6 @@
 """Leases and sessions: a consumer that stalls past its lease loses its messages to another consumer
 without any request answered twice; no transaction stays open while handlers run; connections stay
-within --parallel + 3."""
+within --parallel + 3 per process."""
 
 from __future__ import annotations
 
@@ -119,12 +119,13 @@ class _Sampler:
                 "AND backend_type = 'client backend'", (TEST_APP,))
 
 
-@pytest.mark.parametrize("parallel", [4, 16])
-def test_connections_stay_within_parallel_plus_3_and_no_transaction_idles(
-        parallel: int, fault_db: FaultDb, consumers: Consumers, genesis_home) -> None:
+@pytest.mark.parametrize(("parallel", "processes"), [(4, 1), (16, 1), (4, 2)],
+                         ids=["4", "16", "4-over-2-processes"])
+def test_connections_stay_within_parallel_plus_3_per_process_and_no_transaction_idles(
+        parallel: int, processes: int, fault_db: FaultDb, consumers: Consumers, genesis_home) -> None:
     ids = fault_db.send_rules(2000)
     consumer = consumers.start(*FAST, "--queues", RULES, "--parallel", str(parallel), "--batch-size", "20",
-                               env=cli_env(genesis_home, fault_db.dsn))
+                               env=cli_env(genesis_home, fault_db.dsn, GENESIS_PROCESSES=str(processes)))
     with _Sampler(fault_db) as sampler:
         wait_until(lambda: fault_db.answered() >= 500, timeout=120, what="500 answers")
         fault_db.terminate_backends()          # reconnecting must not overshoot
@@ -132,7 +133,8 @@ def test_connections_stay_within_parallel_plus_3_and_no_transaction_idles(
     consumer.signal(signal.SIGTERM)
     assert consumer.wait(timeout=60) == 0, consumer.stderr()
     assert sampler.samples >= 5
-    assert 1 <= sampler.max_sessions <= parallel + 3, "\n".join(
+    # each process: its workers' connections (its share of --parallel), plus 3 of its own
+    assert 1 <= sampler.max_sessions <= parallel + 3 * processes, "\n".join(
         f"{r['application_name']!r} {r['state']}: {r['query']}" for r in sampler.at_peak)
     assert sampler.long_idle_in_transaction == []
     fault_db.check()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from genesis_pgflow import cgroups
 from genesis_pgflow.cgroups import Budget, CgroupError, V1Hierarchy, V2Hierarchy, V2Run
+from genesis_pgflow.processes import usable_cores
 
 MiB = 2**20
 
@@ -217,3 +219,50 @@ def _dead_pid() -> int:
     child.wait()
     assert not Path(f"/proc/{child.pid}").exists() or child.pid == os.getpid()
     return child.pid
+
+
+# --- the CPU quota a consumer sizes itself by (processes.usable_cores) ----------------------------------
+
+
+def test_the_lowest_v2_cpu_max_on_the_way_up_is_the_quota(tmp_path):
+    root = tmp_path / "cgroup"
+    inner = root / "box" / "inner"
+    inner.mkdir(parents=True)
+    (root / "box" / "cpu.max").write_text("150000 100000\n")
+    (inner / "cpu.max").write_text("max 100000\n")
+    assert cgroups.cpu_quota_cores(mountinfo=mountinfo(root), self_cgroup="0::/box/inner\n") == 1.5
+    (inner / "cpu.max").write_text("50000 100000\n")
+    assert cgroups.cpu_quota_cores(mountinfo=mountinfo(root), self_cgroup="0::/box/inner\n") == 0.5
+    # no quota anywhere ("max", or no cpu controller files at all)
+    (inner / "cpu.max").write_text("max 100000\n")
+    (root / "box" / "cpu.max").unlink()
+    assert cgroups.cpu_quota_cores(mountinfo=mountinfo(root), self_cgroup="0::/box/inner\n") is None
+
+
+def test_a_v1_quota_of_minus_1_is_no_quota(tmp_path):
+    (tmp_path / "unified").mkdir()
+    cpu = tmp_path / "cpu"
+    (cpu / "box").mkdir(parents=True)
+    (cpu / "box" / "cpu.cfs_quota_us").write_text("-1\n")
+    (cpu / "box" / "cpu.cfs_period_us").write_text("100000\n")
+    text = mountinfo(tmp_path / "unified", {"cpu": cpu})
+    assert cgroups.cpu_quota_cores(mountinfo=text, self_cgroup="1:cpu:/box\n0::/\n") is None
+    (cpu / "box" / "cpu.cfs_quota_us").write_text("200000\n")
+    assert cgroups.cpu_quota_cores(mountinfo=text, self_cgroup="1:cpu:/box\n0::/\n") == 2.0
+
+
+@pytest.mark.sandbox
+def test_a_consumer_in_a_cgroup_of_one_core_counts_one_usable_core_on_the_real_kernel(v1):
+    """A process put in a v1 cgroup with a quota of one core (as a container's --cpus 1 is) sizes
+    --processes auto to 1, whatever the machine's cores; outside it, to its CPU affinity."""
+    probe = [sys.executable, "-c", "from genesis_pgflow.processes import usable_cores; print(usable_cores())"]
+    run = v1.create(v1.unique_name("test"), Budget(memory_bytes=256 * MiB, processes=16, cpu_cores=1.0))
+    try:
+        if "cpu" not in run.by_controller:
+            pytest.skip("no v1 cpu controller here")
+        inside = subprocess.run(run.enter_command(probe), capture_output=True, text=True, timeout=60, check=True)
+        outside = subprocess.run(probe, capture_output=True, text=True, timeout=60, check=True)
+    finally:
+        run.close()
+    assert inside.stdout.strip() == "1"
+    assert outside.stdout.strip() == str(usable_cores())
