@@ -8,13 +8,15 @@ clock_timestamp() just before its send (an extra field, which the consumer ignor
 because a Python producer beside the consumer on two busy cores could not hold 2,000 msg/s.
 The consumer is the real CLI with its defaults (NOTIFY wake-up on: the request queue's trigger;
 polling every 1 s otherwise). Commit time is observed, not inferred: for the duration of the run
-the bench puts a statement-level trigger on the result queue that NOTIFYs (the project's own
-wake-up function, genesis.notify_queue_insert). PostgreSQL delivers a NOTIFY only when its
-transaction commits, so an observer session LISTENing on it wakes at each completion commit,
-reads the results it has not seen yet (with their requests' `sent_at`, from the archive written in
-the same transaction) and stamps them with the wall clock when its read returned: an upper bound
-on the commit time, by one small query. The envelope's `finished_at` and pgmq's `enqueued_at` are
-not used: both are taken before the commit. Both clocks are the host's realtime clock.
+the bench puts a statement-level trigger on the result queue that NOTIFYs the range of result ids
+each statement inserted. PostgreSQL delivers a NOTIFY only when its transaction commits, so an
+observer session LISTENing on it wakes at each completion commit, reads the results in that range
+(with their requests' `sent_at`, from the archive written in the same transaction) and stamps them
+with the wall clock when its read returned: an upper bound on the commit time, by one small query.
+By range, not "every result past the last one seen": the consumer's processes commit in their own
+order, so a result can commit after one with a higher id (the last-seen mark skipped such results).
+The envelope's `finished_at` and pgmq's `enqueued_at` are not used: both are taken before the
+commit. Both clocks are the host's realtime clock.
 
 Under contention (benchmarks/contention.py: an idle-in-transaction session, or analytic readers
 holding the xmin horizon back) the same measurement runs with those sessions open on the database
@@ -22,7 +24,7 @@ from before the consumer starts until its results are all seen; then also dead t
 (updates + deletes of every table over the consumer's run, as the throughput rows count them).
 Alone, always on a throwaway server of the bench's own (never a shared one: see contention.py):
 
-    python -m benchmarks.latency [--contention] [--rate 200] [--seconds 10]
+    python -m benchmarks.latency [--contention] [--rate 200] [--seconds 10] [-- GENESIS-CONSUME FLAGS]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import psycopg
 from benchmarks import contention as ct
 from benchmarks.pipelines import RESULTS, BenchDatabase, Q, reap, start_consumer
 
-CHANNEL = f"pgmq.q_{RESULTS}.INSERT"
+CHANNEL = "bench_results_committed"
 # issue 9's targets under contention, at 200 msg/s; pgmq's own dead tuples per message: a read's
 # update and an archive's delete
 CONTENTION_P99_MS = 100.0
@@ -92,6 +94,12 @@ BEGIN
         END IF;
     END LOOP;
 END
+$$;
+CREATE OR REPLACE FUNCTION bench.notify_results() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('bench_results_committed', min(msg_id) || ',' || max(msg_id)) FROM inserted HAVING count(*) > 0;
+    RETURN NULL;
+END
 $$
 """
 
@@ -109,22 +117,20 @@ class CommitObserver(threading.Thread):
         self.lock = threading.Lock()
 
     def run(self) -> None:
-        last = 0
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(f'LISTEN "{CHANNEL}"')
             self.ready.set()
             while not self.stop.is_set():
-                for _ in conn.notifies(timeout=0.2, stop_after=1):
-                    pass
-                rows = conn.execute(f"SELECT r.msg_id, a.msg_id, (a.message ->> 'sent_at')::float8 "
-                                    f"FROM pgmq.q_{RESULTS} r JOIN pgmq.a_{Q} a "
-                                    "ON a.msg_id = (r.message -> 'request' ->> 'msg_id')::bigint "
-                                    "WHERE r.msg_id > %s ORDER BY r.msg_id", (last,)).fetchall()
-                now = time.time()
-                if rows:
-                    last = rows[-1][0]
+                # the generator holds the connection: the ranges first, then the reads
+                ranges = [notify.payload.split(",") for notify in conn.notifies(timeout=0.2, stop_after=1)]
+                for low, high in ranges:
+                    rows = conn.execute(f"SELECT a.msg_id, (a.message ->> 'sent_at')::float8 "
+                                        f"FROM pgmq.q_{RESULTS} r JOIN pgmq.a_{Q} a "
+                                        "ON a.msg_id = (r.message -> 'request' ->> 'msg_id')::bigint "
+                                        "WHERE r.msg_id BETWEEN %s AND %s", (int(low), int(high))).fetchall()
+                    now = time.time()
                     with self.lock:
-                        for _, request_id, sent_at in rows:
+                        for request_id, sent_at in rows:
                             self.latency_ms.setdefault(request_id, (now - sent_at) * 1000)
 
     def latencies(self, ids: range) -> list[float]:
@@ -162,8 +168,8 @@ def measure_latency(db: BenchDatabase, phases: list[tuple[float, float]], consum
     contention.KINDS, held from before the consumer starts until it has stopped."""
     db.reset()
     db.execute(PRODUCE)
-    db.execute(f"CREATE TRIGGER bench_commit_seen AFTER INSERT ON pgmq.q_{RESULTS} "
-               "FOR EACH STATEMENT EXECUTE FUNCTION genesis.notify_queue_insert()")
+    db.execute(f"CREATE TRIGGER bench_commit_seen AFTER INSERT ON pgmq.q_{RESULTS} REFERENCING NEW TABLE AS inserted "
+               "FOR EACH STATEMENT EXECUTE FUNCTION bench.notify_results()")
     db.settle()
     try:
         with ct.holding(db, contention):
@@ -221,10 +227,11 @@ def _run_phases(db: BenchDatabase, phases: list[tuple[float, float]], consumer_a
     return results, sent
 
 
-def measure_contention(db: BenchDatabase, rate: float = 200.0, seconds: float = 30.0) -> list[Latency]:
+def measure_contention(db: BenchDatabase, rate: float = 200.0, seconds: float = 30.0,
+                       consumer_args: list[str] | None = None) -> list[Latency]:
     """The steady rate beside each kind of contention.KINDS in turn, one consumer run each (defaults).
     30 s, not a few: the dead rows an idle transaction keeps pile up, so a short run understates it."""
-    return [measure_latency(db, [(rate, seconds)], [], contention=kind)[0] for kind in ct.KINDS]
+    return [measure_latency(db, [(rate, seconds)], consumer_args or [], contention=kind)[0] for kind in ct.KINDS]
 
 
 def print_latency(items: list[Latency], dead: bool = False, indent: str = "  ") -> None:
@@ -259,15 +266,17 @@ def main() -> None:
                         help="also beside an idle-in-transaction session and beside 2 analytic readers")
     parser.add_argument("--rate", type=float, default=200.0, help="msg/s, steady (default 200)")
     parser.add_argument("--seconds", type=float, default=30.0, help="of steady sending per run (default 30)")
+    parser.add_argument("consumer", nargs="*", metavar="FLAG",
+                        help="genesis-consume flags, after -- (e.g. -- --processes 1; default: none, its defaults)")
     args = parser.parse_args()
     # run.py imports this module: its server set-up and verdicts are imported here, when run alone
     from benchmarks.run import bench_database, verdict
 
     with bench_database(None) as (db, where):
         print(f"latency: {where}, genesis-consume defaults, NOTIFY wake-up on", flush=True)
-        items = measure_latency(db, [(args.rate, args.seconds)], [])
+        items = measure_latency(db, [(args.rate, args.seconds)], args.consumer)
         if args.contention:
-            items += measure_contention(db, args.rate, args.seconds)
+            items += measure_contention(db, args.rate, args.seconds, args.consumer)
     print("\nlatency, pgmq.send -> result committed (seen by a LISTENing session); dead/msg over each consumer run:")
     print_latency(items, dead=True)
     if args.contention:

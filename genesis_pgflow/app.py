@@ -103,7 +103,7 @@ class App:
         options = ConsumerOptions(queues=s.queues, parallel=s.parallel, batch_size=s.batch_size,
                                   poll_interval_s=s.poll_interval_ms / 1000.0, lease_s=s.lease_s,
                                   drain=s.drain, shutdown_grace_s=s.shutdown_grace_s, max_outage_s=s.max_outage_s,
-                                  control_poll_s=s.heartbeat_interval_s)
+                                  control_poll_s=s.heartbeat_interval_s, take_after_s=s.take_after_ms / 1000.0)
         # steered through genesis.fleet_control (pause, drain, stop), on a LISTEN connection of its own
         self.control = PgControlStore(self.db, self.queues.consumer)
         consumer = Consumer(self.queues, self.dispatcher(), options,

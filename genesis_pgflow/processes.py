@@ -39,6 +39,10 @@ log = logging.getLogger("genesis_pgflow")
 
 _PR_SET_PDEATHSIG = 1
 WAIT_SLICE_S = 0.2
+# the second process takes only messages that have waited this long (the third twice as long...):
+# what the first can take alone it takes, so that at moderate rates the completions are not split
+# over processes (more, smaller transactions: worse latency); a backlog all share
+TAKE_AFTER_MS = 50
 
 # the command each process runs: the same genesis-consume, from the same interpreter
 CHILD_COMMAND = (sys.executable, "-c",
@@ -109,11 +113,12 @@ class Processes:
         """Start every process (on the calling thread: the kernel's parent-death signal is tied to
         the thread that forks)."""
         parent, libc = os.getpid(), ctypes.CDLL(None, use_errno=True)
-        for share in self.parallel_shares:
+        for rank, share in enumerate(self.parallel_shares):
             if self.stopping:       # a signal came while starting: start no more
                 break
+            env = {**self.env, "GENESIS_TAKE_AFTER_MS": str(TAKE_AFTER_MS * rank)} if rank else self.env
             self.procs.append(subprocess.Popen(
-                [*CHILD_COMMAND, *self.args, "--parallel", str(share)], env=self.env, stdin=subprocess.DEVNULL,
+                [*CHILD_COMMAND, *self.args, "--parallel", str(share)], env=env, stdin=subprocess.DEVNULL,
                 preexec_fn=lambda: _die_with_parent(libc, parent)))  # noqa: PLW1509 - prctl only, before exec
         log.info("started %d consumer processes (pids %s), --parallel %s%s",
                  len(self.procs), ", ".join(str(p.pid) for p in self.procs),

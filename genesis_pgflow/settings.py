@@ -41,6 +41,9 @@ class Settings(BaseModel):
     # `parallel`; 1: this process consumes
     processes: int | Literal["auto"] = "auto"
     batch_size: int = Field(default=10, ge=1, le=1000)
+    # the consumer takes only messages that have waited this long, and wakes this much after a
+    # NOTIFY (a command of several processes sets it for all but its first: processes.py)
+    take_after_ms: int = Field(default=0, ge=0, le=60_000)
     poll_interval_ms: int = Field(default=1000, ge=10)
     timeout_ms: int = Field(default=30_000, ge=1)
     # the most a request's timeout_ms may ask for (an experiment's: max_experiment_timeout_ms);

@@ -177,13 +177,14 @@ class MemoryQueueStore:
         if self.failure is not None:
             raise self.failure
 
-    def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
+    def read(self, queue: str, qty: int, lease_s: int, *, waited_s: float = 0.0) -> list[ReadMessage]:
         self._fail()
         with self._lock:
             if queue in self.paused:        # as the SQL: a paused queue is read for nothing
                 return []
             now = self.clock()
-            visible = sorted((m for m in self.queues[queue].values() if m.vt <= now), key=lambda m: m.msg_id)[:qty]
+            visible = sorted((m for m in self.queues[queue].values() if m.vt <= now - waited_s),
+                             key=lambda m: m.msg_id)[:qty]
             out = []
             for m in visible:
                 m.vt = now + lease_s

@@ -366,6 +366,8 @@ class Consumer:
                 log.info("LISTEN connection back after %d failed attempt(s)", failures)
                 failures = 0
             if woke:
+                if self.options.take_after_s:     # what is notified is not its to take yet
+                    self.stopping.wait(self.options.take_after_s)
                 self.producer.notified(woke)
                 self.wakeup.set()
             self.producer.listening = True

@@ -33,3 +33,7 @@ class ConsumerOptions:
     # a run held this long is recorded `running` in genesis.workflow_runs; one that ends sooner
     # is written once, when it ends (no write at the read, no dead row per message)
     record_running_after_s: float = 1.0
+    # this consumer takes only messages that have waited this long, and a NOTIFY wakes it this much
+    # later: the second and later processes of a command (processes.py) take over what the first
+    # leaves waiting, a backlog, and nothing it can take alone, so their completions are not split
+    take_after_s: float = 0.0

@@ -68,7 +68,7 @@ class Producer:
     def _read(self, queue: str, qty: int) -> list[ReadMessage]:
         with self._lock:
             heard, at = self._heard.get(queue, 0), self.monotonic()
-        messages = self.store.read(queue, qty, self.options.lease_s)
+        messages = self.store.read(queue, qty, self.options.lease_s, waited_s=self.options.take_after_s)
         with self._lock:
             if len(messages) < qty:
                 self._empty[queue] = (heard, at)     # a NOTIFY heard during the read counts as news

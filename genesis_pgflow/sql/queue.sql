@@ -4,7 +4,8 @@
 -- Lease up to qty visible messages of one queue (none while it is paused) for lease_s seconds, in one round trip; each body and headers come as JSON text with its size, the text only under its limit. No run is written here: a run is recorded when it has run a while (record_running) or when it ends. The lease is pgmq.read's own statement (pgmq 1.x: the oldest visible first, skipping rows another reader holds, read_ct and last_read_at counted), written here for the queue's table so that it is planned once per connection: pgmq.read builds and plans it anew on every call (about 0.2 ms, twice the statement itself at 10 messages).
 WITH cte AS (
     SELECT msg_id FROM pgmq.{table}
-    WHERE vt <= clock_timestamp()
+    -- waited_s: visible this long at least (a command's second process takes what waits: processes.py)
+    WHERE vt <= clock_timestamp() - make_interval(secs => %(waited_s)s)
     ORDER BY msg_id
     -- a paused queue (genesis.fleet_control) is read for nothing, whatever the consumer believes
     LIMIT CASE WHEN EXISTS (SELECT 1 FROM genesis.fleet_control WHERE scope = 'queue' AND target = %(queue)s)

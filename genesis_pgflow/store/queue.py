@@ -41,9 +41,10 @@ class QueueStore(Protocol):
     """What the consumer needs from the queue engine. PgQueueStore and testing.MemoryQueueStore
     both pass tests/conformance."""
 
-    def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
-        """Lease up to qty visible messages for lease_s seconds. Their runs are not written here:
-        a run is recorded once it has run a while (record_running), or when it ends."""
+    def read(self, queue: str, qty: int, lease_s: int, *, waited_s: float = 0.0) -> list[ReadMessage]:
+        """Lease up to qty visible messages (visible for waited_s seconds at least) for lease_s
+        seconds. Their runs are not written here: a run is recorded once it has run a while
+        (record_running), or when it ends."""
 
     def record_running(self, runs: Sequence[RunStart]) -> None:
         """Record runs still going as running, in one transaction; a run already finished, or
@@ -142,11 +143,11 @@ class PgQueueStore:
 
     # --- the hot path ---------------------------------------------------------------------
 
-    def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
+    def read(self, queue: str, qty: int, lease_s: int, *, waited_s: float = 0.0) -> list[ReadMessage]:
         """Bodies come as JSON text and are decoded one by one (messages.take_in), so that no
         message, whatever PostgreSQL accepted, fails the batch; if the batch read fails all the
         same, the messages are leased without their bodies and each body is read on its own."""
-        params = {"queue": queue, "qty": qty, "lease_s": lease_s, **self._limit_params()}
+        params = {"queue": queue, "qty": qty, "lease_s": lease_s, "waited_s": waited_s, **self._limit_params()}
         try:
             # one statement, so its own transaction: one round trip
             query = with_tables("read_batch", table=f"q_{queue}")

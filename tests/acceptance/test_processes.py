@@ -151,6 +151,9 @@ def test_a_signal_to_the_command_stops_every_process_and_it_exits_0(
     command, children = start_group(background, env, db_dsn)
     # the DSN reaches them in the environment, never on the process list
     assert all(db_dsn not in p.cmdline for p in children)
+    # the second takes only what the first leaves waiting (50 ms), the first everything
+    environs = [Path(f"/proc/{p.pid}/environ").read_bytes().split(b"\0") for p in children]
+    assert sorted(b"GENESIS_TAKE_AFTER_MS=50" in environ for environ in environs) == [False, True]
 
     command.signal(signum)
     assert command.wait(timeout=60) == 0, command.stderr()

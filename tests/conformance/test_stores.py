@@ -67,6 +67,15 @@ def test_read_leases_in_order_and_counts_reads(twin):
     assert twin.queues.depth([Q]) == 3
 
 
+def test_a_read_for_messages_that_have_waited_leaves_younger_ones(twin):
+    """waited_s (a command's second process): only what has been visible that long is leased."""
+    msg_id = twin.queues.send(Q, {"n": 1})
+    assert twin.queues.read(Q, 5, lease_s=30, waited_s=3600) == []
+    twin.advance(0.3)
+    assert [m.msg_id for m in twin.queues.read(Q, 5, lease_s=30, waited_s=0.2)] == [msg_id]
+    assert twin.queues.read(Q, 5, lease_s=30) == []
+
+
 def test_an_expired_lease_makes_the_message_visible_again(twin):
     msg_id = twin.queues.send(Q, {"n": 1})
     twin.queues.read(Q, 1, lease_s=1)

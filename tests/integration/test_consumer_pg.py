@@ -647,8 +647,8 @@ class ObservedStore(PgQueueStore):
         super().__init__(*args, **kwargs)
         self.empty_read = threading.Event()
 
-    def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
-        messages = super().read(queue, qty, lease_s)
+    def read(self, queue: str, qty: int, lease_s: int, *, waited_s: float = 0.0) -> list[ReadMessage]:
+        messages = super().read(queue, qty, lease_s, waited_s=waited_s)
         if not messages:
             self.empty_read.set()
         return messages
@@ -733,11 +733,11 @@ class StopDuringRead(PgQueueStore):
 
     consumer_to_stop: Consumer | None = None
 
-    def read(self, queue: str, qty: int, lease_s: int) -> list[ReadMessage]:
+    def read(self, queue: str, qty: int, lease_s: int, *, waited_s: float = 0.0) -> list[ReadMessage]:
         if self.consumer_to_stop is not None:
             self.consumer_to_stop.stop()
             self.consumer_to_stop = None
-        return super().read(queue, qty, lease_s)
+        return super().read(queue, qty, lease_s, waited_s=waited_s)
 
 
 def test_a_stop_that_arrives_during_a_fetch_is_not_lost(harness: Harness) -> None:

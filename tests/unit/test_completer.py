@@ -34,10 +34,10 @@ class HeldWrites(MemoryQueueStore):
         self.writes: list[int] = []
         self.refuse_writes = 0          # the next n complete() calls fail as an outage would
 
-    def read(self, queue, qty, lease_s):
+    def read(self, queue, qty, lease_s, *, waited_s=0.0):
         if self.writing.is_set():
             self.reads_while_writing += 1
-        return super().read(queue, qty, lease_s)
+        return super().read(queue, qty, lease_s, waited_s=waited_s)
 
     def complete(self, outcomes):
         if self.refuse_writes:

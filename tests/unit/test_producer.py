@@ -22,9 +22,9 @@ class CountedReads(MemoryQueueStore):
         self.reads: list[str] = []
         self.during_read = lambda queue: None     # what happens while a read is under way
 
-    def read(self, queue, qty, lease_s):
+    def read(self, queue, qty, lease_s, *, waited_s=0.0):
         self.reads.append(queue)
-        messages = super().read(queue, qty, lease_s)
+        messages = super().read(queue, qty, lease_s, waited_s=waited_s)
         self.during_read(queue)
         return messages
 
@@ -114,3 +114,19 @@ def test_the_running_consumer_listens_and_skips_the_queue_that_is_not_sent_to():
         thread.join(30)
     assert not thread.is_alive()
     assert store.reads.count(OTHER) <= 2, store.reads.count(OTHER)
+
+
+def test_a_consumer_that_takes_what_has_waited_leaves_a_fresh_message_to_the_first():
+    """take_after_s (a command's second process): a message just sent is not taken; once it has
+    waited that long, it is (the first process did not keep up)."""
+    clock = FakeClock()
+    store = CountedReads(clock=clock)
+    dispatcher = Dispatcher({"genesis_rule_update": Handler()}, timeout_s=5.0, max_attempts=3,
+                            retry_base_s=2.0, retry_max_s=60.0)
+    options = ConsumerOptions(queues=(Q,), parallel=2, batch_size=10, take_after_s=0.05)
+    consumer = Consumer(store, dispatcher, options, monotonic=clock, rand=lambda: 0.5)
+    store.send(Q, rule(1))
+    assert consumer.fetch() == 0 and store.reads == [Q]      # read, and nothing taken
+    clock.advance(0.06)
+    consumer.producer.notified({Q})
+    assert consumer.fetch() == 1
