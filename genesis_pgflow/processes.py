@@ -18,7 +18,10 @@ module starts the N ordinary `genesis-consume` processes and keeps them together
 - one process ending in failure stops the others, and the command exits with its code (2 before
   1): the command fails as a whole, for whatever restarts it to see; one stopping (by
   `genesis consumers stop`) stops the others, unless they drain, where each ends when it is done;
-- each process is a consumer of its own in `genesis consumers`, with its own id and its share.
+- each process is a consumer of its own in `genesis consumers`, with its own id and its share;
+- the first takes whatever arrives, the second only what has waited TAKE_AFTER_MS (the third
+  twice that...): they share a backlog, and at moderate rates the first takes it all, as one
+  process would, rather than each writing smaller completions of its half.
 """
 
 from __future__ import annotations
