@@ -41,11 +41,12 @@ def upgrade_database(settings: Settings) -> schema.UpgradeReport:
     return schema.upgrade(dsn)
 
 
-def prepare_database(settings: Settings, *, migrate: bool | None = None) -> str:
-    """The DSN of the configured (or embedded, started) database once it is reachable and current:
-    upgraded unless migrate (default: settings.migrate) is False, else checked (exit-2 errors)."""
+def prepare_database(settings: Settings, *, migrate: bool | None = None, writable: bool = False) -> str:
+    """The DSN of the configured (or embedded, started) database once it is reachable (and, with
+    writable, takes writes) and current: upgraded unless migrate (default: settings.migrate) is
+    False, else checked (exit-2 errors)."""
     dsn = resolve_dsn(settings)
-    check_reachable(dsn)
+    check_reachable(dsn, writable=writable)
     if settings.migrate if migrate is None else migrate:
         schema.upgrade(dsn)
     else:
@@ -76,10 +77,10 @@ class App:
     control: PgControlStore | None = None     # a consumer's, once built
 
     @classmethod
-    def open(cls, settings: Settings, *, migrate: bool | None = None) -> App:
-        """Connect (exit-2 errors if the database is unreachable or behind), upgrading first
-        unless migrate is False."""
-        dsn = prepare_database(settings, migrate=migrate)
+    def open(cls, settings: Settings, *, migrate: bool | None = None, writable: bool = False) -> App:
+        """Connect (exit-2 errors if the database is unreachable, read-only when writable, or
+        behind), upgrading first unless migrate is False."""
+        dsn = prepare_database(settings, migrate=migrate, writable=writable)
         # psycopg_pool warns once per connection it finds broken; the consumer's outage lines say it once
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         db = Database(dsn, max_size=max(4, settings.parallel + 2), application_name=f"genesis:{os.getpid()}",

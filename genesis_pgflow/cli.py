@@ -199,7 +199,7 @@ def consume_main(argv: Sequence[str] | None = None) -> int:
         # 0): nothing is in flight yet, and a migration under way rolls back with its transaction.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            app = App.open(settings)
+            app = App.open(settings, writable=True)
         except KeyboardInterrupt:
             log.info("stopped by a signal during start-up, before consuming anything")
             return EXIT_OK
@@ -236,7 +236,7 @@ def consume_in_processes(args: argparse.Namespace, settings: Settings, n: int, w
     the database is ready."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)    # start-up ends as Ctrl-C does (exit 0)
     try:
-        dsn = prepare_database(settings)
+        dsn = prepare_database(settings, writable=True)
     except KeyboardInterrupt:
         log.info("stopped by a signal during start-up, before consuming anything")
         return EXIT_OK

@@ -102,13 +102,18 @@ def describe_dsn(dsn: str) -> str:
     return " ".join(f"{k}={v}" for k, v in info.items())
 
 
-def check_reachable(dsn: str, timeout_s: int = 5) -> None:
-    """Raise DatabaseUnavailable with one clear line if the server does not answer."""
+def check_reachable(dsn: str, timeout_s: int = 5, *, writable: bool = False) -> None:
+    """Raise DatabaseUnavailable with one clear line if the server does not answer (or, with
+    writable, if its sessions are read-only: a standby, or default_transaction_read_only)."""
     try:
         with psycopg.connect(dsn, connect_timeout=timeout_s, autocommit=True) as conn:
-            conn.execute("SELECT 1")
+            row = conn.execute("SELECT current_setting('transaction_read_only')").fetchone()
     except psycopg.Error as exc:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL ({describe_dsn(dsn)}): {first_line(exc)}") from None
+    if writable and row is not None and row[0] == "on":
+        raise DatabaseUnavailable(f"the database is read-only ({describe_dsn(dsn)}: a standby, or "
+                                  "default_transaction_read_only on): a consumer writes results and runs, so point "
+                                  "it at the primary")
 
 
 def session_params(dsn: str, *, application_name: str, connect_timeout_s: int, statement_timeout_ms: int,

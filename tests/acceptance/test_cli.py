@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from genesis_pgflow.store import schema
@@ -272,6 +273,22 @@ def test_no_migrate_on_an_empty_database_exits_2_saying_what_to_run(empty_db_dsn
     assert proc.returncode == 2, proc
     assert "genesis db upgrade" in one_line(proc.stderr)
     assert schema.problems(empty_db_dsn)  # and it did not migrate
+
+
+@pytest.mark.db
+@pytest.mark.parametrize("argv", [(), ("--no-migrate",), ("--processes", "1")],
+                         ids=["default", "no-migrate", "one-process"])
+def test_a_read_only_database_at_start_exits_2_with_one_line(argv: tuple[str, ...], db_dsn: str,
+                                                             genesis_home: Path) -> None:
+    """A standby, or a database whose sessions are read-only: a consumer could take nothing it could
+    answer, so it says so and exits 2 before it starts (a database turned read-only while it runs
+    is waited out instead: tests/faults)."""
+    dbname = conninfo_to_dict(db_dsn)["dbname"]
+    query(db_dsn, f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    proc = run_cli(GENESIS_CONSUME, "--drain", *argv, env=cli_env(genesis_home, db_dsn))
+    assert proc.returncode == 2, proc
+    assert "the database is read-only" in one_line(proc.stderr)
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.db
