@@ -445,16 +445,16 @@ def cpu_quota_cores(*, mountinfo: str | None = None, self_cgroup: str | None = N
     quotas: list[float] = []
     for mount in parse_mountinfo(mountinfo):
         v2 = mount.fstype == "cgroup2"
-        if not (v2 and "" in own) and not (not v2 and "cpu" in mount.options and "cpu" in own):
+        key = "" if v2 else "cpu"      # v2's one hierarchy, or v1's cpu controller
+        if key not in own or not (v2 or "cpu" in mount.options):
             continue
-        directory = _inside(mount, own["" if v2 else "cpu"])
-        for d in (directory, *directory.parents):
+        directory = _inside(mount, own[key])
+        for d in (directory, *directory.parents):     # up to the mount's root
             if d != mount.point and mount.point not in d.parents:
                 break
-            if v2:
-                words = _read_words(d / "cpu.max")
-                quota, period = (words + ["max", "0"])[:2] if words else ("max", "0")
-            else:
+            if v2:    # "max 100000" (none) or "150000 100000"
+                quota, period = (_read_words(d / "cpu.max") + ["max", "0"])[:2]
+            else:     # -1 (none), or microseconds per period
                 quota, period = str(_read_int(d / "cpu.cfs_quota_us")), str(_read_int(d / "cpu.cfs_period_us"))
             if quota.isdigit() and period.isdigit() and int(period) > 0:
                 quotas.append(int(quota) / int(period))
