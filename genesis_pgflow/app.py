@@ -83,7 +83,9 @@ class App:
         dsn = prepare_database(settings, migrate=migrate, writable=writable)
         # psycopg_pool warns once per connection it finds broken; the consumer's outage lines say it once
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
-        db = Database(dsn, max_size=max(4, settings.parallel + 2), application_name=f"genesis:{os.getpid()}",
+        # connections: one per worker, one more for the loop, the completer and the periodic jobs
+        # (they wait for each other), plus LISTEN and control of their own: --parallel + 3
+        db = Database(dsn, max_size=settings.parallel + 1, application_name=f"genesis:{os.getpid()}",
                       connect_timeout_s=settings.connect_timeout_s,
                       statement_timeout_s=settings.statement_timeout_s).open()
         cipher = settings.secret_cipher()

@@ -236,6 +236,11 @@ class Database:
         self._pool: ConnectionPool[Conn] | None = None
         self._closed = False
         self._hurry_s: float | None = None
+        # each thread holds at most one pooled connection (a maintenance lock's holder: two), and
+        # one maintenance lock is held at a time in a process: so no wait for the pool can wait
+        # on itself, however small the pool (the consumer's is its share of --parallel + 1)
+        self._held = threading.local()
+        self._maintenance = threading.Lock()
 
     def connect_params(self, purpose: str = "") -> dict[str, Any]:
         """libpq parameters for a connection of ours (the pool's, LISTEN's, a lock holder's)."""
@@ -345,10 +350,24 @@ class Database:
                 return self._once(fn, single)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @contextmanager
+    def _holding(self) -> Iterator[None]:
+        """Count this thread's pooled connections; a second one (outside a maintenance lock) is a
+        bug that could wait forever on a full pool, so it fails at once."""
+        held, allowed = getattr(self._held, "n", 0), getattr(self._held, "allowed", 1)
+        if held >= allowed:
+            raise RuntimeError(f"{threading.current_thread().name} asked the pool of {self.name!r} for a "
+                               f"connection while holding {held}")
+        self._held.n = held + 1
+        try:
+            yield
+        finally:
+            self._held.n = held
+
     def _once(self, fn: Callable[[Conn], T], single: bool = False) -> T:
         pool = self._current_pool()
         try:
-            with pool.connection(timeout=min(pool.timeout, self._hurry_s or pool.timeout)) as conn:
+            with self._holding(), pool.connection(timeout=min(pool.timeout, self._hurry_s or pool.timeout)) as conn:
                 try:
                     with self.watchdog.watch(conn, self.call_timeout_s):
                         if single:
@@ -366,7 +385,7 @@ class Database:
     @contextmanager
     def connection(self) -> Iterator[Conn]:
         pool = self._current_pool()
-        with pool.connection() as conn:
+        with self._holding(), pool.connection() as conn:
             try:
                 yield conn
             except psycopg.Error:
@@ -374,14 +393,26 @@ class Database:
                     self.drop(pool)
                 raise
 
+    @contextmanager
+    def maintenance_connection(self) -> Iterator[Conn]:
+        """A pooled connection for a maintenance lock, held across the job: one at a time in a
+        process, and its thread may take one more for the job's own statements."""
+        with self._maintenance, self.connection() as conn:
+            self._held.allowed = 2
+            try:
+                yield conn
+            finally:
+                self._held.allowed = 1
+
 
 @contextmanager
 def maintenance_lock(db: Database, job: str) -> Iterator[bool]:
     """One maintenance job's session-level advisory lock, on a pooled connection of its own held for
     the whole job (a transaction lock would keep one transaction open across file-system work or
     many batches). Yields False at once when another process holds it; the lock goes with the
-    connection if this process dies."""
-    with db.connection() as conn:
+    connection if this process dies. One such job runs at a time in a process (the others wait):
+    its holder is the one thread allowed a second pooled connection, for the job's own statements."""
+    with db.maintenance_connection() as conn:
         conn.autocommit = True
         try:
             locked = bool(one(conn.execute(sql("maintenance_try_lock"), {"job": job}))["locked"])
