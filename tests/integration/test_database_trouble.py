@@ -15,7 +15,7 @@ import pytest
 from genesis_pgflow.consumer import Consumer, ConsumerOptions
 from genesis_pgflow.dispatcher import Dispatcher
 from genesis_pgflow.messages import RunStart
-from genesis_pgflow.store.database import Database, is_transient
+from genesis_pgflow.store.database import Database, is_transient, maintenance_lock
 from genesis_pgflow.store.queue import PgQueueStore
 from genesis_pgflow.testing import wait_until
 
@@ -250,6 +250,39 @@ def test_a_single_statement_runs_alone_and_the_next_caller_still_gets_a_transact
             assert db.run(lambda conn: conn.autocommit) is False
     finally:
         _sql(db_dsn, f"DROP TABLE {table}")
+
+
+def test_a_thread_holds_one_pooled_connection_and_a_maintenance_lock_holder_two(db_dsn):
+    """A second connection asked for inside run() fails at once, never waits on a full pool: so a
+    pool of --parallel + 1 (every worker, then the loop) cannot wait on itself. The holder of a
+    maintenance lock runs its job's statements beside the lock's connection, one holder at a time."""
+    with Database(db_dsn, max_size=2, retry_for_s=0) as db:
+        with pytest.raises(RuntimeError, match="while holding 1"):
+            db.run(lambda conn: db.run(lambda inner: inner.execute("SELECT 1")))
+        assert db.run(lambda conn: conn.execute("SELECT 2 AS n").fetchone()) == {"n": 2}   # the count went back
+
+        order: list[str] = []
+        inside = threading.Event()
+        with maintenance_lock(db, "job-a") as locked:
+            assert locked
+            assert db.run(lambda conn: conn.execute("SELECT 3 AS n").fetchone()) == {"n": 3}
+            with pytest.raises(RuntimeError, match="while holding 2"):
+                db.run(lambda conn: db.run(lambda inner: inner.execute("SELECT 1")))
+
+            def other_job() -> None:
+                with maintenance_lock(db, "job-b") as b_locked:
+                    order.append(f"b {b_locked}")
+                    inside.set()
+            other = threading.Thread(target=other_job)
+            other.start()
+            # the other job waits for this one (it would otherwise take the pool's last connection
+            # and wait for a second one while this job waited for it)
+            assert not inside.wait(0.3)
+            order.append("a done")
+        other.join(10)
+        assert order == ["a done", "b True"]
+        with pytest.raises(RuntimeError, match="while holding 1"):      # the allowance went with the lock
+            db.run(lambda conn: db.run(lambda inner: inner.execute("SELECT 1")))
 
 
 def test_a_slow_statement_is_cancelled_by_the_server_and_is_transient(db_dsn):
