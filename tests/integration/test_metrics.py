@@ -99,7 +99,7 @@ def test_queue_figures_health_and_readiness_over_http(app: App, db_dsn: str) -> 
         assert sample(found, "genesis_queue_depth", queue="genesis_rule_updates_dlq") == 0
         assert (sample(found, "genesis_queue_oldest_message_age_seconds", queue=RULES) or 0) >= 0
         assert sample(found, "genesis_database_up") == 1
-        assert sample(found, "genesis_db_pool_max_connections") == 4
+        assert sample(found, "genesis_db_pool_max_connections") == app.settings.parallel + 1
         assert sample(found, "genesis_db_pool_connections", state="idle") is not None
         assert get(port, "/healthz")[0] == 200
         assert get(port, "/readyz") == (200, "ok: database reachable, schema current\n")
