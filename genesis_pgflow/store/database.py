@@ -396,7 +396,11 @@ class Database:
     @contextmanager
     def maintenance_connection(self) -> Iterator[Conn]:
         """A pooled connection for a maintenance lock, held across the job: one at a time in a
-        process, and its thread may take one more for the job's own statements."""
+        process, and its thread may take one more for the job's own statements. A thread already
+        holding one fails before it waits for another's job (which may be waiting for the pool)."""
+        if getattr(self._held, "n", 0):
+            raise RuntimeError(f"{threading.current_thread().name} asked for a maintenance lock on "
+                               f"{self.name!r} while holding a pooled connection")
         with self._maintenance, self.connection() as conn:
             self._held.allowed = 2
             try:

@@ -261,6 +261,12 @@ def test_a_thread_holds_one_pooled_connection_and_a_maintenance_lock_holder_two(
             db.run(lambda conn: db.run(lambda inner: inner.execute("SELECT 1")))
         assert db.run(lambda conn: conn.execute("SELECT 2 AS n").fetchone()) == {"n": 2}   # the count went back
 
+        def lock_inside(conn):
+            with maintenance_lock(db, "job-a"):
+                pass
+        with pytest.raises(RuntimeError, match="maintenance lock .* while holding a pooled connection"):
+            db.run(lock_inside)       # fails before it waits for another thread's job
+
         order: list[str] = []
         inside = threading.Event()
         with maintenance_lock(db, "job-a") as locked:
