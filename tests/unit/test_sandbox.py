@@ -101,7 +101,9 @@ def test_a_shell_fork_bomb_is_killed_at_the_wall_time_with_nothing_left(sandbox)
     started = time.monotonic()
     result = sandbox.run(["/bin/sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 30"], limits=Limits(wall_s=3))
     assert time.monotonic() - started < 20  # the bomb's own sleep is 30 s
-    assert result.returncode == 0 or result.timed_out
+    # the wall time ends it, or (when the bomb fills the process cap first, as on a busy machine)
+    # the shell is refused its own fork of the sleep and exits: both are the cap holding
+    assert result.timed_out or (result.returncode == 2 and "Cannot fork" in result.stderr), result
     assert nothing_left(result)
 
 
