@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.db, pytest.mark.slow]
 
 KILLS_PER_CONFIGURATION = 4         # x 6 configurations: 24 kills per run
 STEP = 60                           # answers between two kills at most (a random share of it)
-TOP_UP = 2000                       # unanswered requests kept ahead of each kill
+TOP_UP = 2000                       # unanswered requests kept ahead of each kill, per 10 of the batch size
 
 
 def _seed() -> int:
@@ -43,13 +43,15 @@ def test_kill_9_at_random_points_then_restart_until_drained(parallel: int, batch
     args = ("--parallel", str(parallel), "--batch-size", str(batch_size), "--queues", RULES,
             "--poll-interval-ms", "100", "--max-attempts", "5", "--no-migrate")
 
+    # topped up so that the kill comes before the drain however fast the consumer is: in the random
+    # pause below it answers as many as its rate allows (at -p 4 -b 100, two processes, over 3,000
+    # in the 0.2 s)
+    top_up = TOP_UP * (1 + batch_size // 10)
     killed_with_leases = 0
     for _ in range(KILLS_PER_CONFIGURATION):
-        # topped up so that the kill comes before the drain however fast the consumer is: in the
-        # random pause below it answers as many as its rate allows
-        if total - fault_db.answered() < TOP_UP:
-            ids += fault_db.send_rules(TOP_UP, start=total)
-            total += TOP_UP
+        if total - fault_db.answered() < top_up:
+            ids += fault_db.send_rules(top_up, start=total)
+            total += top_up
         victim = consumers.start(*args, env=env)
         target = min(fault_db.answered() + rng.randint(0, STEP), total - 1)   # 0: killed while starting up
         wait_until(lambda t=target, v=victim: fault_db.answered() >= t or not v.running(), timeout=120, interval=0.02,
