@@ -362,7 +362,7 @@ def test_a_sigterm_during_start_up_exits_0(genesis_home: Path, background: Calla
 @pytest.mark.slow
 def test_kill_9_mid_batch_loses_nothing_and_answers_each_request_once(env: dict[str, str], db_dsn: str,
                                                                       background: Callable[..., Any]) -> None:
-    total = 3000
+    total = 8000            # two processes at -p 4 answer thousands a second: the kill comes first
     bodies = [json.dumps(rule(i)) for i in range(total)]
     sent = [r["msg_id"] for r in query(db_dsn, "SELECT pgmq.send_batch(%s, %s::jsonb[]) AS msg_id", (RULES, bodies))]
     assert len(sent) == total

@@ -73,7 +73,7 @@ def test_backends_terminated_while_idle_then_a_message_is_answered(fault_db: Fau
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_server_restart_mid_batch(mode: str, fault_db: FaultDb, consumers: Consumers, genesis_home) -> None:
-    ids = fault_db.send_rules(1500)
+    ids = fault_db.send_rules(5000)      # two processes at -p 4 answer thousands a second: the restart comes first
     consumer = _start(consumers, fault_db, genesis_home, "--parallel", "4", "--batch-size", "20",
                       GENESIS_LEASE_S="3")
     wait_until(lambda: fault_db.answered() >= 200, timeout=120, what="200 answers")
