@@ -210,6 +210,12 @@ def _cut(conn: psycopg.Connection[Any]) -> None:
         sock.close()
 
 
+class _Held(threading.local):
+    """This thread's pooled connections of one Database, and how many it may hold."""
+    n = 0
+    allowed = 1
+
+
 class Database:
     """A pool of connections with dict rows; `run(fn)` runs fn(conn) in one transaction, retried
     on brief connection trouble. Handlers never see this object.
@@ -239,7 +245,7 @@ class Database:
         # each thread holds at most one pooled connection (a maintenance lock's holder: two), and
         # one maintenance lock is held at a time in a process: so no wait for the pool can wait
         # on itself, however small the pool (the consumer's is its share of --parallel + 1)
-        self._held = threading.local()
+        self._held = _Held()
         self._maintenance = threading.Lock()
 
     def connect_params(self, purpose: str = "") -> dict[str, Any]:
@@ -354,8 +360,8 @@ class Database:
     def _holding(self) -> Iterator[None]:
         """Count this thread's pooled connections; a second one (outside a maintenance lock) is a
         bug that could wait forever on a full pool, so it fails at once."""
-        held, allowed = getattr(self._held, "n", 0), getattr(self._held, "allowed", 1)
-        if held >= allowed:
+        held = self._held.n
+        if held >= self._held.allowed:
             raise RuntimeError(f"{threading.current_thread().name} asked the pool of {self.name!r} for a "
                                f"connection while holding {held}")
         self._held.n = held + 1
@@ -398,7 +404,7 @@ class Database:
         """A pooled connection for a maintenance lock, held across the job: one at a time in a
         process, and its thread may take one more for the job's own statements. A thread already
         holding one fails before it waits for another's job (which may be waiting for the pool)."""
-        if getattr(self._held, "n", 0):
+        if self._held.n:
             raise RuntimeError(f"{threading.current_thread().name} asked for a maintenance lock on "
                                f"{self.name!r} while holding a pooled connection")
         with self._maintenance, self.connection() as conn:
